@@ -1,0 +1,30 @@
+"""`base`: what every stage shares: the base model, the seed, device and precision."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from sdpipe.config.section import Section
+
+
+class BaseParams(Section):
+    base_model: str = "artifacts/pretrain/tinyworld"
+    """The model to customize: a diffusers folder, a single-file `.safetensors` checkpoint, or a hub id."""
+
+    base_model_config: str | None = None
+    """For a single-file checkpoint: a local diffusers folder (or its config files) describing its architecture."""
+
+    seed: int = Field(default=0, ge=0)
+    """Seed for every random choice in every stage; the same seed gives the same outputs."""
+
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
+
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Compute precision: `auto` is bf16 on CUDA that supports it, fp16 on other CUDA, fp32 on CPU."""
+
+    resolution: int = Field(default=32, ge=8, le=4096, multiple_of=8)
+    """Training resolution in pixels (square side, or the bucket area's side when buckets are on)."""
+
+    datasets: list[str] = Field(default_factory=lambda: ["star", "outlined"], min_length=1)
+    """Dataset folder names under `datasets/` that the pipeline prepares, captions and encodes."""

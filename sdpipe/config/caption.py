@@ -1,0 +1,7 @@
+"""`caption`: placeholder until the stage is built."""
+
+from sdpipe.config.section import Section
+
+
+class CaptionParams(Section):
+    pass

@@ -1,0 +1,7 @@
+"""`encode`: placeholder until the stage is built."""
+
+from sdpipe.config.section import Section
+
+
+class EncodeParams(Section):
+    pass

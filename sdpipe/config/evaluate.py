@@ -1,0 +1,7 @@
+"""`evaluate`: placeholder until the stage is built."""
+
+from sdpipe.config.section import Section
+
+
+class EvaluateParams(Section):
+    pass

@@ -1,0 +1,7 @@
+"""`prepare`: placeholder until the stage is built."""
+
+from sdpipe.config.section import Section
+
+
+class PrepareParams(Section):
+    pass

@@ -1,0 +1,7 @@
+"""`pretrain`: placeholder until the stage is built."""
+
+from sdpipe.config.section import Section
+
+
+class PretrainParams(Section):
+    pass

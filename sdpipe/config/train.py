@@ -1,0 +1,7 @@
+"""`train`: placeholder until the stage is built."""
+
+from sdpipe.config.section import Section
+
+
+class TrainParams(Section):
+    pass

@@ -1,0 +1,175 @@
+"""The tiny world: a deterministic generator of 32x32 images of colored shapes with captions.
+
+A scene is one shape (circle, square, triangle or star) of one named color, filled or outlined, at a
+random size and position on a light background. `star` and `outlined` are held out of pretraining, so the
+personalization methods have something the base model does not know.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+RESOLUTION = 32
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, for clean antialiased edges
+
+BACKGROUND = (245, 245, 240)
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 50),
+    "blue": (35, 70, 215),
+    "yellow": (235, 195, 25),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+STYLES = ("filled", "outlined")
+SIZES: dict[str, tuple[int, int]] = {"small": (11, 15), "large": (19, 25)}  # extent in pixels, inclusive
+
+HELD_OUT_SHAPES = ("star",)
+HELD_OUT_STYLES = ("outlined",)
+PRETRAIN_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES)
+PRETRAIN_STYLES = tuple(s for s in STYLES if s not in HELD_OUT_STYLES)
+
+OUTLINE_WIDTH = 2.5  # pixels at the final resolution
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to render one image and to caption it."""
+
+    color: str
+    shape: str
+    style: str
+    size: str
+    extent: int  # bounding-box side of the shape, in pixels
+    cx: float  # shape center, in pixels
+    cy: float
+
+    @property
+    def position(self) -> str:
+        """Rough position as `<row> <column>`, from thirds of the image, e.g. `top left`."""
+        return position_name(self.cx, self.cy)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def position_name(cx: float, cy: float, resolution: int = RESOLUTION) -> str:
+    column = ("left", "center", "right")[min(2, int(3 * cx / resolution))]
+    row = ("top", "middle", "bottom")[min(2, int(3 * cy / resolution))]
+    return f"{row} {column}"
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    shapes: tuple[str, ...] = PRETRAIN_SHAPES,
+    colors: tuple[str, ...] = tuple(COLORS),
+    styles: tuple[str, ...] = PRETRAIN_STYLES,
+    sizes: tuple[str, ...] = tuple(SIZES),
+) -> Scene:
+    """Draws one random scene from the given vocabularies."""
+    color = colors[rng.integers(len(colors))]
+    shape = shapes[rng.integers(len(shapes))]
+    style = styles[rng.integers(len(styles))]
+    size = sizes[rng.integers(len(sizes))]
+    low, high = SIZES[size]
+    extent = int(rng.integers(low, high + 1))
+    margin = extent / 2 + 1
+    cx = float(rng.uniform(margin, RESOLUTION - margin))
+    cy = float(rng.uniform(margin, RESOLUTION - margin))
+    return Scene(color=color, shape=shape, style=style, size=size, extent=extent, cx=cx, cy=cy)
+
+
+def shape_polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]]:
+    """Vertices of a polygonal shape centered in its bounding box (not used for circles)."""
+    r = extent / 2
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":  # pointing up, filling its bounding box
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "star":  # five points, first one up; scaled so its bounding box is `extent` tall
+        inner = 0.45
+        points = []
+        for k in range(10):
+            angle = -math.pi / 2 + k * math.pi / 5
+            radius = r if k % 2 == 0 else r * inner
+            points.append((math.cos(angle) * radius, math.sin(angle) * radius))
+        top = min(y for _, y in points)
+        bottom = max(y for _, y in points)
+        scale = extent / (bottom - top)
+        offset = (top + bottom) / 2
+        return [(cx + x * scale, cy + (y - offset) * scale) for x, y in points]
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """Renders a scene to an RGB image of `resolution` pixels square."""
+    s = SUPERSAMPLE * resolution / RESOLUTION
+    big = Image.new("RGB", (round(resolution * SUPERSAMPLE),) * 2, BACKGROUND)
+    draw = ImageDraw.Draw(big)
+    fill = COLORS[scene.color]
+    cx, cy, extent = scene.cx * s, scene.cy * s, scene.extent * s
+    width = round(OUTLINE_WIDTH * s)
+    if scene.shape == "circle":
+        box = [cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2]
+        if scene.style == "filled":
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.ellipse(box, outline=fill, width=width)
+    else:
+        polygon = shape_polygon(scene.shape, cx, cy, extent)
+        if scene.style == "filled":
+            draw.polygon(polygon, fill=fill)
+        else:
+            draw.polygon(polygon, outline=fill, width=width)
+    return big.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def caption(
+    scene: Scene,
+    *,
+    with_size: bool = True,
+    with_style: bool = False,
+    with_position: bool = False,
+    trigger: str | None = None,
+    class_word: str | None = None,
+) -> str:
+    """A caption such as `a small red circle`.
+
+    `trigger`/`class_word` replace the shape name for personalization datasets: `a small blue sks shape`.
+    The style word is written only for outlined shapes (`a red outlined circle`), when `with_style`.
+    """
+    words = ["a"]
+    if with_size:
+        words.append(scene.size)
+    words.append(scene.color)
+    if with_style and scene.style != "filled":
+        words.append(scene.style)
+    if trigger is not None:
+        words.append(trigger)
+    words.append(class_word if class_word is not None else scene.shape)
+    text = " ".join(words)
+    if with_position:
+        text += f" at the {scene.position}"
+    return text
+
+
+def generate(
+    count: int,
+    seed: int,
+    shapes: tuple[str, ...] = PRETRAIN_SHAPES,
+    colors: tuple[str, ...] = tuple(COLORS),
+    styles: tuple[str, ...] = PRETRAIN_STYLES,
+    sizes: tuple[str, ...] = tuple(SIZES),
+) -> list[tuple[Image.Image, Scene]]:
+    """`count` rendered scenes; the same arguments always give the same images."""
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, shapes, colors, styles, sizes) for _ in range(count)]
+    return [(render(scene), scene) for scene in scenes]
+
+
+def render_array(scenes: list[Scene]) -> np.ndarray:
+    """Renders scenes into one uint8 array of shape (N, 32, 32, 3)."""
+    return np.stack([np.asarray(render(scene)) for scene in scenes])
