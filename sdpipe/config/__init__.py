@@ -17,6 +17,7 @@ from sdpipe.config.encode import EncodeParams
 from sdpipe.config.evaluate import EvaluateParams
 from sdpipe.config.export import ExportParams
 from sdpipe.config.merge import MergeParams
+from sdpipe.config.paths import PathsParams
 from sdpipe.config.prepare import PrepareParams
 from sdpipe.config.pretrain import PretrainParams
 from sdpipe.config.section import Section
@@ -28,6 +29,8 @@ __all__ = ["Params", "ParamsError", "load_params", "Section"]
 class Params(Section):
     """The whole `params.yaml`."""
 
+    paths: PathsParams = Field(default_factory=PathsParams)
+    """Where each stage reads and writes (interpolated into dvc.yaml)."""
     base: BaseParams = Field(default_factory=BaseParams)
     """Shared by every stage: base model, seed, device, precision, resolution, datasets."""
     pretrain: PretrainParams = Field(default_factory=PretrainParams)

@@ -1,0 +1,24 @@
+"""`paths`: where each stage reads and writes. dvc.yaml interpolates these, so each path is written once."""
+
+from sdpipe.config.section import Section
+
+
+class PathsParams(Section):
+    datasets: str = "datasets"
+    """Input datasets, one folder per dataset name."""
+    prepared: str = "artifacts/prepared"
+    """`prepare` output: `<prepared>/<name>/` with images, `manifest.jsonl` and `report.json`."""
+    captions: str = "artifacts/captions"
+    """`caption` output: `<captions>/<name>.jsonl`."""
+    latents: str = "artifacts/latents"
+    """`encode` output: `<latents>/<name>.safetensors`."""
+    pretrain: str = "artifacts/pretrain/tinyworld"
+    """`pretrain` output: the tiny-world base model (diffusers folder)."""
+    train: str = "artifacts/train"
+    """`train@<method>` output: `<train>/<method>/`."""
+    merge: str = "artifacts/merge"
+    """`merge` output: `<merge>/<recipe>/`."""
+    eval: str = "artifacts/eval"
+    """`evaluate` output."""
+    export: str = "artifacts/export"
+    """`export` output."""

@@ -1,0 +1,20 @@
+"""What every `stages/*.py` script shares: load params, report user errors cleanly, exit non-zero."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from sdpipe.config import Params, ParamsError, load_params
+from sdpipe.errors import SdpipeError
+from sdpipe.progress import log
+
+
+def run_stage(name: str, body: Callable[[Params], None], params_path: str = "params.yaml") -> None:
+    """Validates the params file, then runs `body(params)`; a user error ends the stage with exit status 1."""
+    try:
+        params = load_params(params_path)
+        body(params)
+    except (ParamsError, SdpipeError) as error:
+        log(f"[bold red]{name} failed:[/] {error}")
+        sys.exit(1)
