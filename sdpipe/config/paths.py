@@ -14,6 +14,8 @@ class PathsParams(Section):
     """`encode` output: `<latents>/<name>.safetensors`."""
     pretrain: str = "artifacts/pretrain/tinyworld"
     """`pretrain` output: the tiny-world base model (diffusers folder)."""
+    pretrain_metrics: str = "artifacts/pretrain/metrics.json"
+    """`pretrain` metrics: reconstruction error, CLIP retrieval accuracy, time per phase."""
     train: str = "artifacts/train"
     """`train@<method>` output: `<train>/<method>/`."""
     merge: str = "artifacts/merge"

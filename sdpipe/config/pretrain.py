@@ -1,7 +1,41 @@
-"""`pretrain`: placeholder until the stage is built."""
+"""`pretrain`: the recipe that trains the tiny-world base model from scratch (the frozen `pretrain` stage)."""
+
+from pydantic import Field
 
 from sdpipe.config.section import Section
 
 
 class PretrainParams(Section):
-    pass
+    num_images: int = Field(default=20000, ge=64)
+    """Rendered tiny-world training images (held-in shapes, filled style only)."""
+
+    vae_steps: int = Field(default=800, ge=1)
+    """Optimizer steps for the autoencoder."""
+    vae_batch_size: int = Field(default=64, ge=1)
+    """Images per autoencoder step."""
+    vae_lr: float = Field(default=2e-3, gt=0)
+    """Peak learning rate of the autoencoder (cosine decay after warmup)."""
+    vae_kl_weight: float = Field(default=1e-6, ge=0)
+    """Weight of the KL term; tiny, as in SD's VAE, so latents stay close to deterministic."""
+
+    clip_steps: int = Field(default=1000, ge=1)
+    """Optimizer steps for the contrastive CLIP (text + vision towers)."""
+    clip_batch_size: int = Field(default=128, ge=2)
+    """Image-caption pairs per CLIP step (the contrastive negatives)."""
+    clip_lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of CLIP."""
+
+    unet_steps: int = Field(default=3000, ge=1)
+    """Optimizer steps for the UNet (text encoder and VAE frozen)."""
+    unet_batch_size: int = Field(default=64, ge=1)
+    """Latents per UNet step."""
+    unet_lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of the UNet."""
+    unet_ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    """Decay of the UNet's exponential moving average; the EMA weights are the ones saved."""
+    snr_gamma: float | None = Field(default=5.0, gt=0)
+    """Min-SNR-gamma loss weighting (None: plain MSE)."""
+    caption_dropout: float = Field(default=0.1, ge=0, lt=1)
+    """Share of UNet steps' captions replaced by the empty caption, for classifier-free guidance."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear learning-rate warmup of every phase."""

@@ -1,0 +1,131 @@
+"""Architectures of the tiny-world Stable Diffusion: the real diffusers/transformers classes, made small.
+
+The same configs serve the `pretrain` recipe and the randomly initialized pipelines that tests build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from sdpipe.tinyworld import world
+from sdpipe.tinyworld.tokenizer import MODEL_MAX_LENGTH, build_clip_tokenizer
+
+LATENT_CHANNELS = 4
+TEXT_HIDDEN = 64
+PROJECTION_DIM = 64
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=world.RESOLUTION,
+    )
+
+
+def unet_config() -> dict:
+    latent_size = world.RESOLUTION // 4
+    return dict(
+        sample_size=latent_size,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        projection_dim=PROJECTION_DIM,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        image_size=world.RESOLUTION,
+        patch_size=4,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        projection_dim=PROJECTION_DIM,
+    )
+
+
+def feature_extractor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(
+        size={"shortest_edge": world.RESOLUTION},
+        crop_size={"height": world.RESOLUTION, "width": world.RESOLUTION},
+        resample=3,
+    )
+
+
+def train_scheduler() -> DDPMScheduler:
+    """SD 1.x's noise schedule."""
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
+    )
+
+
+def sample_scheduler() -> PNDMScheduler:
+    """The scheduler the saved pipeline samples with (SD 1.x's default)."""
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_random_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a randomly initialized tiny-world pipeline folder (for tests); returns its path."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae_config()),
+        text_encoder=CLIPTextModel(text_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**unet_config()),
+        scheduler=sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=feature_extractor(),
+        image_encoder=CLIPVisionModelWithProjection(vision_config()),
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,310 @@
+"""Pretraining the tiny-world Stable Diffusion from scratch, SD's recipe in miniature.
+
+Three phases, in order, each with the real diffusers / transformers classes:
+1. an `AutoencoderKL` that compresses 32x32 images to 4x8x8 latents;
+2. a CLIP (`CLIPModel`: text + vision towers with projections) trained contrastively on image-caption pairs;
+3. a `UNet2DConditionModel` over the VAE's latents, conditioned on the frozen CLIP text encoder's hidden
+   states, with caption dropout (for classifier-free guidance), min-SNR weighting and EMA.
+The star shape and the outlined style never appear. The result is saved as a standard diffusers
+`StableDiffusionPipeline` folder plus the CLIP vision tower (`image_encoder/`) and the whole CLIP (`clip/`).
+
+Each finished phase is kept in a work folder keyed by the params that shaped it, so an interrupted run
+resumes at the phase it was in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from sdpipe.config.pretrain import PretrainParams
+from sdpipe.errors import SdpipeError
+from sdpipe.io import atomic_path, write_json
+from sdpipe.progress import log
+from sdpipe.tinyworld import models, world
+from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
+
+LOG_EVERY = 100
+
+
+def caption_variants(scene: world.Scene) -> list[str]:
+    """The ways a training image may be captioned: with or without size, with or without position."""
+    return [
+        world.caption(scene),
+        world.caption(scene, with_size=False),
+        world.caption(scene, with_position=True),
+        world.caption(scene, with_size=False, with_position=True),
+    ]
+
+
+def make_training_set(num_images: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
+    """Renders the held-in world: images as a float tensor in [-1, 1], shape (N, 3, 32, 32)."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng) for _ in range(num_images)]
+    pixels = torch.from_numpy(world.render_array(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, scenes
+
+
+def train_vae(pixels: torch.Tensor, params: PretrainParams, generator: torch.Generator) -> AutoencoderKL:
+    vae = AutoencoderKL(**models.vae_config())
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=params.vae_lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.vae_steps)
+    vae.train()
+    for step in range(params.vae_steps):
+        batch = pixels[torch.randint(len(pixels), (params.vae_batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        reconstruction_loss = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
+        loss = reconstruction_loss + params.vae_kl_weight * posterior.kl().mean()
+        _step(loss, optimizer, schedule, vae.parameters())
+        _log_step("vae", step, params.vae_steps, loss)
+    vae.eval()
+    return vae
+
+
+def train_clip(
+    pixels: torch.Tensor,
+    captions: list[list[str]],
+    tokenizer: CLIPTokenizer,
+    params: PretrainParams,
+    generator: torch.Generator,
+) -> CLIPModel:
+    config = CLIPConfig(
+        text_config=models.text_config(tokenizer).to_dict(),
+        vision_config=models.vision_config().to_dict(),
+        projection_dim=models.PROJECTION_DIM,
+    )
+    clip = CLIPModel(config)
+    clip_pixels = clip_pixel_values(pixels)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=params.clip_lr, weight_decay=0.1)
+    schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.clip_steps)
+    clip.train()
+    for step in range(params.clip_steps):
+        index = torch.randint(len(pixels), (params.clip_batch_size,), generator=generator)
+        variant = torch.randint(len(captions[0]), (params.clip_batch_size,), generator=generator)
+        texts = [captions[i][v] for i, v in zip(index.tolist(), variant.tolist())]
+        input_ids = tokenize(tokenizer, texts)
+        loss = clip(input_ids=input_ids, pixel_values=clip_pixels[index], return_loss=True).loss
+        _step(loss, optimizer, schedule, clip.parameters())
+        _log_step("clip", step, params.clip_steps, loss)
+    clip.eval()
+    return clip
+
+
+def train_unet(
+    latents: torch.Tensor,
+    caption_ids: torch.Tensor,
+    caption_states: torch.Tensor,
+    params: PretrainParams,
+    generator: torch.Generator,
+) -> UNet2DConditionModel:
+    """Trains the UNet on cached latents and cached text-encoder states; returns the EMA weights.
+
+    `caption_ids[i]` lists the caption variants of image i as rows of `caption_states`; the last row of
+    `caption_states` is the empty caption, used for caption dropout.
+    """
+    unet = UNet2DConditionModel(**models.unet_config())
+    scheduler = models.train_scheduler()
+    ema = EMAModel(unet.parameters(), decay=params.unet_ema_decay, use_ema_warmup=True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=params.unet_lr, weight_decay=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.unet_steps)
+    empty_caption = len(caption_states) - 1
+    batch_size = params.unet_batch_size
+    unet.train()
+    for step in range(params.unet_steps):
+        index = torch.randint(len(latents), (batch_size,), generator=generator)
+        variant = torch.randint(caption_ids.shape[1], (batch_size,), generator=generator)
+        caption = caption_ids[index, variant]
+        dropped = torch.rand(batch_size, generator=generator) < params.caption_dropout
+        caption = torch.where(dropped, empty_caption, caption)
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, caption_states[caption]).sample
+        loss = diffusion_loss(prediction, noise, timesteps, scheduler, params.snr_gamma)
+        _step(loss, optimizer, schedule, unet.parameters())
+        ema.step(unet.parameters())
+        _log_step("unet", step, params.unet_steps, loss)
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    return unet
+
+
+def diffusion_loss(prediction, target, timesteps, scheduler, snr_gamma: float | None) -> torch.Tensor:
+    """Epsilon-prediction MSE, optionally min-SNR-gamma weighted (Hang et al. 2023)."""
+    if snr_gamma is None:
+        return F.mse_loss(prediction, target)
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma) / snr
+    per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, metrics_path: Path) -> dict:
+    """Runs all three phases and writes the pipeline folder atomically to `out_dir`."""
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    pixels, scenes = make_training_set(params.num_images, seed)
+    captions = [caption_variants(scene) for scene in scenes]
+    log(f"pretrain: {len(scenes)} training images rendered")
+
+    tokenizer_dir = work_dir / "tokenizer"
+    tokenizer = build_clip_tokenizer(tokenizer_dir)
+
+    vae = _cached_phase(
+        work_dir, "vae", _phase_key(params, seed, "vae"), AutoencoderKL,
+        lambda: train_vae(pixels, params, torch.Generator().manual_seed(seed)), timings,
+    )
+    clip = _cached_phase(
+        work_dir, "clip", _phase_key(params, seed, "clip"), CLIPModel,
+        lambda: train_clip(pixels, captions, tokenizer, params, torch.Generator().manual_seed(seed + 1)), timings,
+    )
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    text_encoder.eval()
+
+    latents, scaling_factor = encode_latents(vae, pixels)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    unique_captions = sorted({text for variants in captions for text in variants})
+    caption_index = {text: i for i, text in enumerate(unique_captions)}
+    caption_ids = torch.tensor([[caption_index[text] for text in variants] for variants in captions])
+    caption_states = encode_text(text_encoder, tokenizer, unique_captions + [""])
+
+    unet = _cached_phase(
+        work_dir, "unet", _phase_key(params, seed, "unet"), UNet2DConditionModel,
+        lambda: train_unet(latents, caption_ids, caption_states, params, torch.Generator().manual_seed(seed + 2)),
+        timings,
+    )
+
+    image_encoder = CLIPVisionModelWithProjection(clip.config.vision_config)
+    image_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+    image_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=models.sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=models.feature_extractor(),
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    )
+    with atomic_path(out_dir) as tmp:
+        pipeline.save_pretrained(tmp)
+        clip.save_pretrained(tmp / "clip")
+
+    metrics = {
+        "seed": seed,
+        "num_images": params.num_images,
+        "latent_scaling_factor": scaling_factor,
+        "vae_reconstruction_mae": reconstruction_error(vae, pixels[:512]),
+        "clip_retrieval_accuracy": clip_retrieval_accuracy(clip, tokenizer, pixels, scenes),
+        "seconds": {**timings, "total": round(time.monotonic() - start, 1)},
+    }
+    write_json(metrics_path, metrics)
+    log(f"pretrain: done in {metrics['seconds']['total']:.0f}s: {json.dumps(metrics)}")
+    return metrics
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, float]:
+    """Posterior means of every image, scaled to unit variance like SD's 0.18215; returns the scale too."""
+    means = torch.cat([vae.encode(pixels[i : i + batch_size]).latent_dist.mean for i in range(0, len(pixels), batch_size)])
+    scaling_factor = float(1.0 / means.std())
+    return means * scaling_factor, scaling_factor
+
+
+@torch.no_grad()
+def encode_text(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """Last hidden states, exactly as StableDiffusionPipeline computes its prompt embeddings."""
+    return text_encoder(tokenize(tokenizer, texts))[0]
+
+
+def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def clip_pixel_values(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images to CLIP's normalized inputs (what CLIPImageProcessor gives at the native size)."""
+    processor = models.feature_extractor()
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    return ((pixels + 1) / 2 - mean) / std
+
+
+@torch.no_grad()
+def reconstruction_error(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
+    """Mean absolute pixel error of a VAE round trip, in 0-255 units."""
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    return round(float((decoded - pixels).abs().mean() * 127.5), 3)
+
+
+@torch.no_grad()
+def clip_retrieval_accuracy(clip: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, scenes) -> float:
+    """Share of 512 images whose best-matching caption among all color x shape captions is the right one."""
+    labels = [(color, shape) for color in world.COLORS for shape in world.PRETRAIN_SHAPES]
+    texts = [f"a {color} {shape}" for color, shape in labels]
+    text_embeds = F.normalize(clip.get_text_features(input_ids=tokenize(tokenizer, texts)), dim=-1)
+    image_embeds = F.normalize(clip.get_image_features(pixel_values=clip_pixel_values(pixels[:512])), dim=-1)
+    best = (image_embeds @ text_embeds.T).argmax(dim=1).tolist()
+    hits = [labels[b] == (s.color, s.shape) for b, s in zip(best, scenes[:512])]
+    return round(sum(hits) / len(hits), 4)
+
+
+def _step(loss: torch.Tensor, optimizer, schedule, parameters) -> None:
+    if not torch.isfinite(loss):
+        raise SdpipeError(f"pretrain: loss became {loss.item()}; lower the pretrain.*_lr learning rates")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _log_step(phase: str, step: int, total: int, loss: torch.Tensor) -> None:
+    if step % LOG_EVERY == 0 or step == total - 1:
+        log(f"pretrain {phase}: step {step + 1}/{total} loss {loss.item():.4f}")
+
+
+def _phase_key(params: PretrainParams, seed: int, phase: str) -> str:
+    """Hash of everything that shapes a phase's result: later phases depend on earlier ones."""
+    order = ["vae", "clip", "unet"]
+    fields = {"num_images", "warmup_steps"}
+    for name in order[: order.index(phase) + 1]:
+        fields |= {f for f in PretrainParams.model_fields if f.startswith(name)}
+    fields |= {"snr_gamma", "caption_dropout"} if phase == "unet" else set()
+    payload = json.dumps({"seed": seed, **params.model_dump(include=fields)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _cached_phase(work_dir: Path, phase: str, key: str, model_class, train, timings: dict):
+    """Loads a phase's finished model from the work folder, or trains and saves it there."""
+    folder = work_dir / f"{phase}-{key}"
+    if folder.is_dir():
+        log(f"pretrain {phase}: reusing the finished phase in {folder}")
+        return model_class.from_pretrained(folder).eval()
+    for stale in work_dir.glob(f"{phase}-*"):
+        shutil.rmtree(stale)
+    phase_start = time.monotonic()
+    model = train()
+    timings[phase] = round(time.monotonic() - phase_start, 1)
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+    return model
+
