@@ -1,6 +1,6 @@
 """`base`: what every stage shares: the base model, the seed, device and precision."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -26,5 +26,7 @@ class BaseParams(Section):
     resolution: int = Field(default=32, ge=8, le=4096, multiple_of=8)
     """Training resolution in pixels (square side, or the bucket area's side when buckets are on)."""
 
-    datasets: list[str] = Field(default_factory=lambda: ["star", "outlined"], min_length=1)
+    datasets: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]] = Field(
+        default_factory=lambda: ["star", "outlined"], min_length=1
+    )
     """Dataset folder names under `datasets/` that the pipeline prepares, captions and encodes."""

@@ -1,0 +1,364 @@
+"""Diffusers folder <-> single-file Stable Diffusion checkpoint in the original (CompVis / LDM) layout.
+
+Writing follows the logic of diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py`, but the
+UNet block index maps are computed from the UNet config (number of levels, `layers_per_block`, which blocks
+have attention) instead of SD 1.5's hard-coded 4 levels x 2 layers, so the same code writes the tiny world
+and SD 1.x/2.x-shaped UNets. The file holds three prefixed parts:
+
+    model.diffusion_model.*          the UNet
+    first_stage_model.*              the VAE (its attention linears stored as 1x1 convs, as the original does)
+    cond_stage_model.transformer.*   the CLIP text encoder (SD 1.x layout only)
+
+Reading back is diffusers' own `StableDiffusionPipeline.from_single_file`. The keys alone do not tell the
+architecture (diffusers would guess SD 1.5 and fetch its configs from the Hub), so the caller must pass
+`config=<a local diffusers folder>`: `load_single_file_pipeline` does exactly that, see its docstring.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from sdpipe.errors import SdpipeError
+from sdpipe.io import atomic_path
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x files: readable by diffusers, not written here
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Inside a block, diffusers and the original name some modules differently: {diffusers: original}.
+UNET_RESNET_RENAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+VAE_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION_RENAMES = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    # names used by diffusers before 0.15
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}
+NO_RENAMES: dict[str, str] = {}
+
+# {diffusers prefix: (original prefix, renames of the module inside)}
+PrefixMap = dict[str, tuple[str, dict[str, str]]]
+
+
+# --- key maps ------------------------------------------------------------------------------------------
+
+
+def unet_prefix_map(unet_config: Mapping) -> PrefixMap:
+    """The UNet's diffusers block prefixes and their original `input_blocks`/`output_blocks` names.
+
+    The original UNet is a flat list of blocks: `input_blocks.0` is `conv_in`, then each down level has
+    `layers_per_block` entries (resnet `.0`, attention `.1`) and, except the last level, one downsampler
+    entry; each up level has `layers_per_block + 1` entries and its upsampler sits in the level's last entry
+    (after the attention when the level has one).
+    """
+    layers = unet_config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise SdpipeError(
+            f"UNet config layers_per_block={layers!r}: the original single-file layout needs one integer"
+        )
+    down_types, up_types = list(unet_config["down_block_types"]), list(unet_config["up_block_types"])
+    num_levels = len(down_types)
+    prefixes: PrefixMap = {
+        "time_embedding.linear_1.": ("time_embed.0.", NO_RENAMES),
+        "time_embedding.linear_2.": ("time_embed.2.", NO_RENAMES),
+        "conv_in.": ("input_blocks.0.0.", NO_RENAMES),
+        "conv_norm_out.": ("out.0.", NO_RENAMES),
+        "conv_out.": ("out.2.", NO_RENAMES),
+        "mid_block.resnets.0.": ("middle_block.0.", UNET_RESNET_RENAMES),
+        "mid_block.attentions.0.": ("middle_block.1.", NO_RENAMES),
+        "mid_block.resnets.1.": ("middle_block.2.", UNET_RESNET_RENAMES),
+    }
+    for level, block_type in enumerate(down_types):
+        for layer in range(layers):
+            index = 1 + level * (layers + 1) + layer
+            prefixes[f"down_blocks.{level}.resnets.{layer}."] = (f"input_blocks.{index}.0.", UNET_RESNET_RENAMES)
+            if has_attention(block_type):
+                prefixes[f"down_blocks.{level}.attentions.{layer}."] = (f"input_blocks.{index}.1.", NO_RENAMES)
+        if level < num_levels - 1:
+            index = (level + 1) * (layers + 1)
+            prefixes[f"down_blocks.{level}.downsamplers.0.conv."] = (f"input_blocks.{index}.0.op.", NO_RENAMES)
+    for level, block_type in enumerate(up_types):
+        for layer in range(layers + 1):
+            index = level * (layers + 1) + layer
+            prefixes[f"up_blocks.{level}.resnets.{layer}."] = (f"output_blocks.{index}.0.", UNET_RESNET_RENAMES)
+            if has_attention(block_type):
+                prefixes[f"up_blocks.{level}.attentions.{layer}."] = (f"output_blocks.{index}.1.", NO_RENAMES)
+        if level < num_levels - 1:
+            index = level * (layers + 1) + layers
+            position = 2 if has_attention(block_type) else 1
+            prefixes[f"up_blocks.{level}.upsamplers.0."] = (f"output_blocks.{index}.{position}.", NO_RENAMES)
+    return prefixes
+
+
+def has_attention(block_type: str) -> bool:
+    return "CrossAttn" in block_type
+
+
+def vae_prefix_map(num_levels: int, max_resnets: int) -> PrefixMap:
+    """The VAE's diffusers block prefixes and their original names.
+
+    The original decoder numbers its `up` levels from the lowest resolution, the reverse of diffusers.
+    """
+    prefixes: PrefixMap = {
+        "quant_conv.": ("quant_conv.", NO_RENAMES),
+        "post_quant_conv.": ("post_quant_conv.", NO_RENAMES),
+    }
+    for part in ("encoder", "decoder"):
+        prefixes[f"{part}.conv_in."] = (f"{part}.conv_in.", NO_RENAMES)
+        prefixes[f"{part}.conv_out."] = (f"{part}.conv_out.", NO_RENAMES)
+        prefixes[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", NO_RENAMES)
+        prefixes[f"{part}.mid_block.resnets.0."] = (f"{part}.mid.block_1.", VAE_RESNET_RENAMES)
+        prefixes[f"{part}.mid_block.resnets.1."] = (f"{part}.mid.block_2.", VAE_RESNET_RENAMES)
+        prefixes[f"{part}.mid_block.attentions.0."] = (f"{part}.mid.attn_1.", VAE_ATTENTION_RENAMES)
+    for level in range(num_levels):
+        up_level = num_levels - 1 - level
+        for layer in range(max_resnets):
+            prefixes[f"encoder.down_blocks.{level}.resnets.{layer}."] = (
+                f"encoder.down.{level}.block.{layer}.",
+                VAE_RESNET_RENAMES,
+            )
+            prefixes[f"decoder.up_blocks.{level}.resnets.{layer}."] = (
+                f"decoder.up.{up_level}.block.{layer}.",
+                VAE_RESNET_RENAMES,
+            )
+        prefixes[f"encoder.down_blocks.{level}.downsamplers.0."] = (
+            f"encoder.down.{level}.downsample.",
+            NO_RENAMES,
+        )
+        prefixes[f"decoder.up_blocks.{level}.upsamplers.0."] = (f"decoder.up.{up_level}.upsample.", NO_RENAMES)
+    return prefixes
+
+
+def rename_keys(
+    state_dict: Mapping[str, torch.Tensor], prefixes: PrefixMap, model: str
+) -> dict[str, torch.Tensor]:
+    """Applies a prefix map to every key; a key that no prefix covers is an error, never silently kept."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for diffusers_prefix, (original_prefix, renames) in prefixes.items():
+            if key.startswith(diffusers_prefix):
+                module, _, param = key[len(diffusers_prefix) :].rpartition(".")
+                module = renames.get(module, module)
+                renamed[original_prefix + (f"{module}." if module else "") + param] = tensor
+                break
+        else:
+            raise SdpipeError(
+                f"{model} weight {key!r} has no place in the original Stable Diffusion single-file layout "
+                "(only SD 1.x/2.x-style UNet2DConditionModel, AutoencoderKL and CLIPTextModel are supported)"
+            )
+    if len(renamed) != len(state_dict):
+        raise SdpipeError(f"{model}: two weights were mapped to the same original key; the config does not fit")
+    return renamed
+
+
+# --- diffusers -> original -----------------------------------------------------------------------------
+
+
+def unet_to_original(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping) -> dict[str, torch.Tensor]:
+    """A diffusers `UNet2DConditionModel` state dict in original keys (without `model.diffusion_model.`)."""
+    return rename_keys(state_dict, unet_prefix_map(unet_config), "UNet")
+
+
+def vae_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers `AutoencoderKL` state dict in original keys (without `first_stage_model.`).
+
+    The mid-block attention's q/k/v/out linear weights become [C, C, 1, 1] conv weights, as in the original.
+    """
+    levels = {int(m[1]) for key in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", key))}
+    resnets = {int(m[1]) for key in state_dict if (m := re.match(r"\w+\.\w+_blocks\.\d+\.resnets\.(\d+)\.", key))}
+    prefixes = vae_prefix_map(num_levels=max(levels, default=-1) + 1, max_resnets=max(resnets, default=-1) + 1)
+    converted = rename_keys(state_dict, prefixes, "VAE")
+    for key, tensor in converted.items():
+        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and tensor.ndim == 2:
+            converted[key] = tensor.reshape(*tensor.shape, 1, 1)
+    return converted
+
+
+def text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers `CLIPTextModel` state dict in SD 1.x keys (without `cond_stage_model.transformer.`).
+
+    SD 1.x stores the HF CLIP keys as they are, under `text_model.` (transformers >= 5.6 dropped that
+    wrapper from `CLIPTextModel`, so it is added back). SD 2.x's OpenCLIP layout (`cond_stage_model.model.`,
+    fused `in_proj` attention weights) is out of scope for writing: an SD 2.x-sized text encoder (24 layers)
+    is refused rather than written in a layout that other tools would misread.
+    """
+    keys = {key.removeprefix("text_model.") for key in state_dict}
+    if "encoder.layers.22.layer_norm2.bias" in keys:
+        raise SdpipeError(
+            "text encoder has 23+ layers (an SD 2.x OpenCLIP text encoder): writing the SD 2.x single-file "
+            "layout is not supported; save a diffusers folder instead"
+        )
+    return {
+        key if key.startswith("text_model.") else f"text_model.{key}": tensor for key, tensor in state_dict.items()
+    }
+
+
+def pipeline_to_original(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """The whole single-file state dict of a UNet, VAE and text encoder, with the original prefixes."""
+    parts = [
+        (UNET_PREFIX, unet_to_original(unet.state_dict(), unet.config)),
+        (VAE_PREFIX, vae_to_original(vae.state_dict())),
+        (TEXT_ENCODER_PREFIX, text_encoder_to_original(text_encoder.state_dict())),
+    ]
+    return {prefix + key: tensor for prefix, converted in parts for key, tensor in converted.items()}
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+def save_single_file(
+    pipeline_or_folder,
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Writes the UNet, VAE and text encoder as one original-layout `.safetensors` file, atomically.
+
+    `pipeline_or_folder` is a pipeline object (anything with `.unet`, `.vae`, `.text_encoder`) or a
+    diffusers folder. `dtype` (a torch dtype or "fp32"/"fp16"/"bf16") casts the floating-point weights;
+    `metadata` is stored in the safetensors header. Returns `path`.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise SdpipeError(f"single-file checkpoint {path}: expected a path ending in .safetensors")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SdpipeError(f"single-file checkpoint {path}: metadata must map strings to strings, got {metadata!r}")
+    cast_to = resolve_dtype(dtype)
+    if isinstance(pipeline_or_folder, (str, Path)):
+        unet, vae, text_encoder = load_folder_models(Path(pipeline_or_folder))
+    else:
+        unet, vae, text_encoder = pipeline_or_folder.unet, pipeline_or_folder.vae, pipeline_or_folder.text_encoder
+    state_dict = pipeline_to_original(unet, vae, text_encoder)
+    tensors = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        if cast_to is not None and tensor.is_floating_point():
+            tensor = tensor.to(cast_to)
+        tensors[key] = tensor.contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return path
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SdpipeError(f"single-file dtype {dtype!r}: expected one of {sorted(DTYPES)} or a torch dtype")
+    return DTYPES[dtype]
+
+
+def load_folder_models(folder: Path):
+    """The UNet, VAE and text encoder of a diffusers Stable Diffusion folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    missing = [name for name in ("unet", "vae", "text_encoder") if not (folder / name / "config.json").is_file()]
+    if missing:
+        raise SdpipeError(f"diffusers folder {folder}: missing {', '.join(f'{m}/config.json' for m in missing)}")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    return unet, vae, text_encoder
+
+
+def load_single_file_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a `.safetensors` checkpoint (safetensors only: legacy pickled `.ckpt` is never read)."""
+    path = Path(path)
+    check_safetensors_file(path)
+    return load_file(path)
+
+
+def check_safetensors_file(path: Path) -> list[str]:
+    """Reads and validates the safetensors header (a truncated or garbled file fails here); returns the keys."""
+    if not path.is_file():
+        raise SdpipeError(f"single-file checkpoint {path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as error:
+        raise SdpipeError(
+            f"single-file checkpoint {path}: not a valid .safetensors file ({error}); it may be truncated or "
+            "corrupt, or a legacy pickled .ckpt (which sdpipe does not read)"
+        ) from None
+
+
+def load_single_file_pipeline(
+    path: str | Path, config: str | Path, torch_dtype: torch.dtype | None = None, **components
+):
+    """A `StableDiffusionPipeline` from an original-layout single file, without touching the network.
+
+    What the user must pass to diffusers, and what this function passes:
+
+        StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, safety_checker=None,
+            image_encoder=<None, or the folder's image encoder>, torch_dtype=torch_dtype)
+
+    `config` is a local diffusers folder of the same architecture (the tiny world's, or a real SD 1.x
+    folder): `model_index.json` and the `unet/`, `vae/`, `text_encoder/` configs give the architecture,
+    `tokenizer/`, `scheduler/` and `feature_extractor/` are loaded from it, the UNet, VAE and text encoder
+    weights come from the file. Without `config` diffusers guesses SD 1.5 from the keys and fetches its
+    configs from the Hub (even with `local_files_only=True`). `original_config` (the LDM yaml) is not
+    needed, and diffusers refuses it together with `config`.
+
+    Components the file does not hold are taken from the folder only when their weights have diffusers'
+    file names, so a transformers `image_encoder` (`model.safetensors`) fails with "Weights for this
+    component appear to be missing" unless passed in: here it is loaded from `config/image_encoder` when
+    that folder has weights, else None; `components` overrides any component. The loaded weights keep the
+    model's default dtype (an fp16 file loads as fp32) unless `torch_dtype` is given.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path, config = Path(path), Path(config)
+    if not (config / "model_index.json").is_file():
+        raise SdpipeError(
+            f"base_model_config {config}: expected a local diffusers folder with model_index.json describing "
+            f"the architecture of {path}"
+        )
+    keys = check_safetensors_file(path)
+    has_text_encoder = any(key.startswith((TEXT_ENCODER_PREFIX, OPEN_CLIP_PREFIX)) for key in keys)
+    for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE")):
+        if not any(key.startswith(prefix) for key in keys):
+            raise SdpipeError(f"single-file checkpoint {path}: no {what} weights (keys starting with {prefix!r})")
+    if not has_text_encoder and "text_encoder" not in components:
+        # diffusers would fail later with a message about the config folder, not the file
+        raise SdpipeError(f"single-file checkpoint {path}: no text encoder weights (keys {TEXT_ENCODER_PREFIX!r})")
+    components.setdefault("safety_checker", None)
+    if "image_encoder" not in components:
+        components["image_encoder"] = load_image_encoder(config / "image_encoder", torch_dtype)
+    return StableDiffusionPipeline.from_single_file(
+        str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components
+    )
+
+
+def load_image_encoder(folder: Path, torch_dtype: torch.dtype | None):
+    """The CLIP image encoder saved in `folder` (IP-Adapter's), or None when there is none."""
+    from transformers import CLIPVisionModelWithProjection
+
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    if not ((folder / "config.json").is_file() and has_weights):
+        return None
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+    return image_encoder.to(torch_dtype) if torch_dtype is not None else image_encoder
