@@ -9,7 +9,10 @@ class PretrainParams(Section):
     num_images: int = Field(default=20000, ge=64)
     """Rendered tiny-world training images (held-in shapes, filled style only)."""
 
-    vae_steps: int = Field(default=800, ge=1)
+    vae_doodles: int = Field(default=10000, ge=0)
+    """Random non-world pictures (polygons, ellipses, strokes in any color) the autoencoder also trains on,
+    so that it can encode shapes and styles it never saw, as SD's general-purpose VAE can."""
+    vae_steps: int = Field(default=1200, ge=1)
     """Optimizer steps for the autoencoder."""
     vae_batch_size: int = Field(default=64, ge=1)
     """Images per autoencoder step."""

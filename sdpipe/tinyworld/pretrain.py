@@ -56,7 +56,15 @@ def make_training_set(num_images: int, seed: int) -> tuple[torch.Tensor, list[wo
     return pixels, scenes
 
 
+def make_doodles(count: int, seed: int) -> torch.Tensor:
+    """Random non-world pictures for the autoencoder (see `world.render_doodle`), in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    doodles = np.stack([np.asarray(world.render_doodle(rng)) for _ in range(count)])
+    return torch.from_numpy(doodles).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def train_vae(pixels: torch.Tensor, params: PretrainParams, generator: torch.Generator) -> AutoencoderKL:
+    """Trains the autoencoder on `pixels`: world scenes and doodles, so it is a general image codec."""
     vae = AutoencoderKL(**models.vae_config())
     optimizer = torch.optim.AdamW(vae.parameters(), lr=params.vae_lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.vae_steps)
@@ -164,9 +172,10 @@ def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, m
     tokenizer_dir = work_dir / "tokenizer"
     tokenizer = build_clip_tokenizer(tokenizer_dir)
 
+    vae_pixels = torch.cat([pixels, make_doodles(params.vae_doodles, seed + 3)])
     vae = _cached_phase(
         work_dir, "vae", _phase_key(params, seed, "vae"), AutoencoderKL,
-        lambda: train_vae(pixels, params, torch.Generator().manual_seed(seed)), timings,
+        lambda: train_vae(vae_pixels, params, torch.Generator().manual_seed(seed)), timings,
     )
     clip = _cached_phase(
         work_dir, "clip", _phase_key(params, seed, "clip"), CLIPModel,
@@ -213,10 +222,10 @@ def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, m
         "latent_scaling_factor": scaling_factor,
         "vae_reconstruction_mae": reconstruction_error(vae, pixels[:512]),
         "clip_retrieval_accuracy": clip_retrieval_accuracy(clip, tokenizer, pixels, scenes),
-        "seconds": {**timings, "total": round(time.monotonic() - start, 1)},
+        "seconds": {**timings, "this_run": round(time.monotonic() - start, 1)},
     }
     write_json(metrics_path, metrics)
-    log(f"pretrain: done in {metrics['seconds']['total']:.0f}s: {json.dumps(metrics)}")
+    log(f"pretrain: done in {metrics['seconds']['this_run']:.0f}s: {json.dumps(metrics)}")
     return metrics
 
 
@@ -294,10 +303,14 @@ def _phase_key(params: PretrainParams, seed: int, phase: str) -> str:
 
 
 def _cached_phase(work_dir: Path, phase: str, key: str, model_class, train, timings: dict):
-    """Loads a phase's finished model from the work folder, or trains and saves it there."""
+    """Loads a phase's finished model from the work folder, or trains and saves it there.
+
+    The phase's training time is kept beside it, so a resumed run still reports what each phase cost.
+    """
     folder = work_dir / f"{phase}-{key}"
     if folder.is_dir():
         log(f"pretrain {phase}: reusing the finished phase in {folder}")
+        timings[phase] = json.loads((folder / "seconds.json").read_text())
         return model_class.from_pretrained(folder).eval()
     for stale in work_dir.glob(f"{phase}-*"):
         shutil.rmtree(stale)
@@ -306,5 +319,5 @@ def _cached_phase(work_dir: Path, phase: str, key: str, model_class, train, timi
     timings[phase] = round(time.monotonic() - phase_start, 1)
     with atomic_path(folder) as tmp:
         model.save_pretrained(tmp)
+        (tmp / "seconds.json").write_text(json.dumps(timings[phase]))
     return model
-

@@ -77,9 +77,15 @@ def sample_scene(
     low, high = SIZES[size]
     extent = int(rng.integers(low, high + 1))
     margin = extent / 2 + 1
-    cx = float(rng.uniform(margin, RESOLUTION - margin))
-    cy = float(rng.uniform(margin, RESOLUTION - margin))
+    cx = _snap(rng.uniform(margin, RESOLUTION - margin))
+    cy = _snap(rng.uniform(margin, RESOLUTION - margin))
     return Scene(color=color, shape=shape, style=style, size=size, extent=extent, cx=cx, cy=cy)
+
+
+def _snap(coordinate: float) -> float:
+    """Centers sit mid-cell of the supersampling grid: any two centers in one cell would render identically,
+    so an unsnapped center near a third-line would have a position no reader of the image could tell."""
+    return (math.floor(coordinate * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
 
 
 def shape_polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]]:
@@ -173,3 +179,37 @@ def generate(
 def render_array(scenes: list[Scene]) -> np.ndarray:
     """Renders scenes into one uint8 array of shape (N, 32, 32, 3)."""
     return np.stack([np.asarray(render(scene)) for scene in scenes])
+
+
+def render_doodle(rng: np.random.Generator, resolution: int = RESOLUTION) -> Image.Image:
+    """A random picture that is no tiny-world scene: one to three random polygons, ellipses or strokes in
+    random colors, filled or outlined at random widths.
+
+    The autoencoder trains on these beside the world's scenes, so that, like SD's VAE, it is a general image
+    codec that can represent the held-out shape and style without ever having seen them.
+    """
+    s = SUPERSAMPLE * resolution / RESOLUTION
+    background = tuple(int(v) for v in rng.integers(200, 256, 3))
+    big = Image.new("RGB", (round(resolution * SUPERSAMPLE),) * 2, background)
+    draw = ImageDraw.Draw(big)
+    for _ in range(int(rng.integers(1, 4))):
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        cx, cy = rng.uniform(4, RESOLUTION - 4, 2) * s
+        radius = rng.uniform(3, 13) * s
+        width = max(1, round(rng.uniform(1, 4) * s))
+        filled = rng.random() < 0.5
+        kind = rng.integers(3)
+        if kind == 0:  # polygon with jittered radii: convex, concave or star-like
+            count = int(rng.integers(3, 11))
+            angles = np.sort(rng.uniform(0, 2 * np.pi, count))
+            radii = radius * rng.uniform(0.35, 1.0, count)
+            points = [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles)]
+            draw.polygon(points, fill=color if filled else None, outline=None if filled else color, width=width)
+        elif kind == 1:
+            rx, ry = radius, radius * rng.uniform(0.5, 1.0)
+            box = [cx - rx, cy - ry, cx + rx, cy + ry]
+            draw.ellipse(box, fill=color if filled else None, outline=None if filled else color, width=width)
+        else:
+            points = [tuple(p) for p in rng.uniform(2, RESOLUTION - 2, (int(rng.integers(2, 5)), 2)) * s]
+            draw.line(points, fill=color, width=width, joint="curve")
+    return big.resize((resolution, resolution), Image.Resampling.BOX)

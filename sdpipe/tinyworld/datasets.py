@@ -1,0 +1,107 @@
+"""The default personalization datasets of the tiny world, laid out like a user's: images + `.txt` captions.
+
+- `star`: 12 filled stars (a shape the base model never saw), captioned with a trigger word and a class
+  word, `a large blue sks shape`, for subject methods (DreamBooth, textual inversion, LoRA, ...).
+- `outlined`: 16 outlined circles, squares and triangles (a style the base model never saw), captioned
+  *without* the style word, `a small red circle`, so that style methods must learn "outlined" implicitly.
+
+Both are deterministic: `python -m sdpipe.tinyworld.datasets` rewrites `datasets/star` and
+`datasets/outlined` byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sdpipe.io import atomic_path
+from sdpipe.progress import log
+from sdpipe.tinyworld import world
+
+TRIGGER = "sks"
+CLASS_WORD = "shape"
+SIZES = tuple(world.SIZES)  # ("small", "large")
+
+
+def star_scenes(count: int = 12, seed: int = 1) -> list[world.Scene]:
+    """Filled stars; colors cycle through all four and every color comes in both sizes."""
+    rng = np.random.default_rng(seed)
+    colors = tuple(world.COLORS)
+    scenes = []
+    for i in range(count):
+        color = colors[i % len(colors)]
+        size = SIZES[(i + i // len(colors)) % len(SIZES)]
+        scenes.append(world.sample_scene(rng, ("star",), (color,), ("filled",), (size,)))
+    return scenes
+
+
+def outlined_scenes(count: int = 16, seed: int = 2) -> list[world.Scene]:
+    """Outlined circles, squares and triangles; shapes, colors and sizes cycle, so all are balanced."""
+    rng = np.random.default_rng(seed)
+    shapes = ("circle", "square", "triangle")
+    colors = tuple(world.COLORS)
+    scenes = []
+    for i in range(count):
+        shape, color, size = shapes[i % len(shapes)], colors[i % len(colors)], SIZES[(i // 4) % len(SIZES)]
+        scenes.append(world.sample_scene(rng, (shape,), (color,), ("outlined",), (size,)))
+    return scenes
+
+
+# name -> (scenes, caption options for `world.caption`)
+KINDS = {
+    "star": (star_scenes, {"trigger": TRIGGER, "class_word": CLASS_WORD}),
+    "outlined": (outlined_scenes, {}),
+}
+
+
+def write_dataset(
+    folder: str | Path,
+    scenes_or_kind: str | Sequence[world.Scene],
+    *,
+    prefix: str | None = None,
+    **caption_options,
+) -> list[Path]:
+    """Writes `<prefix>_NN.png` images with `<prefix>_NN.txt` captions into `folder`, replacing it.
+
+    `scenes_or_kind` is a list of scenes, or the name of a default dataset (`star`, `outlined`), whose
+    caption options `caption_options` may override. Captions come from `world.caption(scene, **options)`.
+    Returns the image paths.
+    """
+    if isinstance(scenes_or_kind, str):
+        if scenes_or_kind not in KINDS:
+            raise ValueError(f"unknown dataset kind {scenes_or_kind!r}; expected one of {sorted(KINDS)}")
+        make_scenes, kind_options = KINDS[scenes_or_kind]
+        scenes = make_scenes()
+        caption_options = {**kind_options, **caption_options}
+        prefix = prefix or scenes_or_kind
+    else:
+        scenes = list(scenes_or_kind)
+        prefix = prefix or Path(folder).name
+    folder = Path(folder)
+    names = [f"{prefix}_{i:02d}" for i in range(len(scenes))]
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for name, scene in zip(names, scenes):
+            world.render(scene).save(tmp / f"{name}.png")
+            (tmp / f"{name}.txt").write_text(world.caption(scene, **caption_options) + "\n", encoding="utf-8")
+    return [folder / f"{name}.png" for name in names]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="(Re)generate the default tiny-world datasets.")
+    parser.add_argument("--root", default="datasets", help="folder that receives one folder per dataset")
+    parser.add_argument("kinds", nargs="*", help=f"datasets to write, some of {sorted(KINDS)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.kinds) - set(KINDS))
+    if unknown:
+        parser.error(f"unknown datasets {unknown}; expected some of {sorted(KINDS)}")
+    for kind in args.kinds or sorted(KINDS):
+        images = write_dataset(Path(args.root) / kind, kind)
+        log(f"wrote {len(images)} images to {Path(args.root) / kind}")
+
+
+if __name__ == "__main__":
+    main()
