@@ -182,7 +182,8 @@ def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, m
         lambda: train_clip(pixels, captions, tokenizer, params, torch.Generator().manual_seed(seed + 1)), timings,
     )
     text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    # transformers 5 made CLIPTextModel the text transformer itself; 4.x wraps it in `.text_model`
+    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
     text_encoder.eval()
 
     latents, scaling_factor = encode_latents(vae, pixels)
@@ -269,9 +270,8 @@ def clip_retrieval_accuracy(clip: CLIPModel, tokenizer: CLIPTokenizer, pixels: t
     """Share of 512 images whose best-matching caption among all color x shape captions is the right one."""
     labels = [(color, shape) for color in world.COLORS for shape in world.PRETRAIN_SHAPES]
     texts = [f"a {color} {shape}" for color, shape in labels]
-    text_embeds = F.normalize(clip.get_text_features(input_ids=tokenize(tokenizer, texts)), dim=-1)
-    image_embeds = F.normalize(clip.get_image_features(pixel_values=clip_pixel_values(pixels[:512])), dim=-1)
-    best = (image_embeds @ text_embeds.T).argmax(dim=1).tolist()
+    output = clip(input_ids=tokenize(tokenizer, texts), pixel_values=clip_pixel_values(pixels[:512]))
+    best = output.logits_per_image.argmax(dim=1).tolist()
     hits = [labels[b] == (s.color, s.shape) for b, s in zip(best, scenes[:512])]
     return round(sum(hits) / len(hits), 4)
 
