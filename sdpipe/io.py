@@ -10,6 +10,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from safetensors.torch import save
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
@@ -53,3 +56,16 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with a key-sorted header, so that the same tensors give the same bytes.
+
+    safetensors writes the metadata in hash-map order, which changes from one process to the next.
+    """
+    data = save(tensors, metadata=metadata)
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    sorted_header = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    sorted_header += b" " * (-len(sorted_header) % 8)  # the tensor data stays 8-byte aligned
+    Path(path).write_bytes(len(sorted_header).to_bytes(8, "little") + sorted_header + data[8 + header_size :])

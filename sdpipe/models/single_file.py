@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sdpipe.errors import SdpipeError
-from sdpipe.io import atomic_path
+from sdpipe.io import atomic_path, save_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -258,7 +258,7 @@ def save_single_file(
             tensor = tensor.to(cast_to)
         tensors[key] = tensor.contiguous()
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
     return path
 
 
