@@ -18,6 +18,7 @@ from PIL import Image
 from sdpipe.config.caption import CaptionOps, CaptionParams
 from sdpipe.errors import SdpipeError
 from sdpipe.io import read_jsonl, write_jsonl
+from sdpipe.models.loading import resolve_device
 from sdpipe.progress import log, track
 
 MANIFEST_KEYS = ("id", "file", "source", "caption", "caption_source")
@@ -98,15 +99,6 @@ def filename_caption(source: str) -> str:
         if shorter == words or not shorter:
             return words
         words = shorter
-
-
-def resolve_device(device: str) -> str:
-    """`auto` → `cuda` when CUDA is available, else `cpu`; anything else as given."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # --- the BLIP backend ----------------------------------------------------------------------------------
