@@ -1,9 +1,17 @@
-"""`train`: which training methods run (one `train@<method>` DVC stage each) and their settings."""
+"""`train`: which training methods run (one `train@<method>` DVC stage each) and their settings.
 
-from typing import Literal
+`train.common` holds what every method shares (batch size, optimizer, noise and loss options, checkpoints,
+samples); `train.<method>` holds one method's own settings, including its learning rate and step count, whose
+good values differ by orders of magnitude between methods.
+"""
 
-from pydantic import Field, field_validator
+from __future__ import annotations
 
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sdpipe.config.caption import CaptionOps
 from sdpipe.config.section import Section
 
 METHODS = (
@@ -18,12 +26,172 @@ METHODS = (
     "dreambooth",
     "lora",
 )
-BUILT_METHODS: tuple[str, ...] = ()  # methods whose sdpipe.methods module exists; the rest are refused
+BUILT_METHODS: tuple[str, ...] = ("textual_inversion",)  # methods whose sdpipe.methods module exists
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class TrainCommon(Section):
+    """Settings every training method shares (`train.common`)."""
+
+    batch_size: int = Field(default=8, ge=1)
+    """Images per micro-batch on each device."""
+
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches whose gradients add up to one optimizer step (effective batch: `batch_size` × this ×
+    the number of devices)."""
+
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant_with_warmup"  # type: ignore[valid-type]
+    """How the learning rate changes over the steps (diffusers' `get_scheduler` names): `constant`,
+    `constant_with_warmup`, `linear`, `cosine`, `cosine_with_restarts` or `polynomial`."""
+
+    lr_warmup_steps: int = Field(default=20, ge=0)
+    """Optimizer steps over which the learning rate rises linearly from 0 (ignored by `constant`)."""
+
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """AdamW's first-moment decay."""
+
+    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
+    """AdamW's second-moment decay."""
+
+    adam_epsilon: float = Field(default=1e-8, gt=0.0)
+    """AdamW's denominator epsilon."""
+
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    """AdamW's decoupled weight decay."""
+
+    use_8bit_adam: bool = True
+    """Use bitsandbytes' 8-bit AdamW (less optimizer memory) when bitsandbytes is installed and training runs on
+    CUDA; the ordinary AdamW otherwise."""
+
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    """Clip the gradient norm to this value before each optimizer step; null: no clipping."""
+
+    snr_gamma: float | None = Field(default=5.0, gt=0.0)
+    """Min-SNR-γ loss weighting (Hang et al. 2023): each timestep's loss is weighted by min(SNR, γ)/SNR
+    (min(SNR, γ)/(SNR + 1) for v-prediction). 5 is the paper's value; null: the plain mean squared error."""
+
+    noise_offset: float = Field(default=0.0, ge=0.0)
+    """Add this much per-channel constant noise (Guttenberg's offset noise) so that the model learns to change
+    the mean brightness; 0.05–0.1 is usual, 0 turns it off."""
+
+    min_timestep: int = Field(default=0, ge=0)
+    """The smallest diffusion timestep sampled for training (inclusive)."""
+
+    max_timestep: int | None = Field(default=None, ge=1)
+    """The largest diffusion timestep sampled for training (exclusive); null: the scheduler's
+    `num_train_timesteps` (1000 for SD)."""
+
+    flip: bool = True
+    """Use the cached left-right flipped latents (`encode.flip`) for a random half of the samples."""
+
+    caption_ops: CaptionOps = Field(default_factory=CaptionOps)
+    """Caption changes made each time a caption is used (trigger word, tag shuffle and dropout, caption dropout)."""
+
+    cache_text_embeddings: bool = True
+    """When a method keeps the text encoder frozen, encode each distinct caption once and reuse it (same
+    result, less compute). Captions that change at every step (tag shuffle or dropout) are never cached."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of the trained models instead of storing them: less memory,
+    about 20% slower."""
+
+    checkpoint_every: int = Field(default=100, ge=0)
+    """Save the full training state every this many optimizer steps under `<out>/checkpoints/`, to resume from
+    after an interruption; 0: never."""
+
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """How many of the most recent checkpoints to keep."""
+
+    resume: bool = True
+    """Resume from the latest checkpoint when one made with the same params and data exists (others are
+    deleted). The result is the same as that of an uninterrupted run."""
+
+    sample_every: int = Field(default=100, ge=0)
+    """Sample `sample_prompts` with fixed seeds every this many optimizer steps (and after the last one) into
+    `<out>/samples/`; 0: never."""
+
+    sample_prompts: list[str] = Field(default_factory=lambda: ["a blue sks shape", "a red sks shape"])
+    """Prompts for the sample images, written as the captions are (a method maps its trigger word as it does
+    in captions, e.g. textual inversion replaces `sks` by its placeholder token)."""
+
+    sample_steps: int = Field(default=20, ge=1)
+    """Denoising steps of each sample image (DDIM)."""
+
+    sample_guidance_scale: float = Field(default=7.5, ge=1.0)
+    """Classifier-free guidance scale of the sample images (1: no guidance)."""
+
+    @model_validator(mode="after")
+    def _ranges_are_usable(self) -> TrainCommon:
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(
+                f"train.common.min_timestep ({self.min_timestep}) must be smaller than "
+                f"train.common.max_timestep ({self.max_timestep})"
+            )
+        if self.sample_every and not self.sample_prompts:
+            raise ValueError("train.common.sample_prompts is empty; list a prompt or set sample_every to 0")
+        return self
+
+
+class MethodParams(Section):
+    """What every method section has: the data it trains on, how long, and how fast."""
+
+    datasets: list[DatasetName] | None = None
+    """Datasets (of `base.datasets`) to train on; null: all of them."""
+
+    max_steps: int = Field(default=500, ge=1)
+    """Optimizer steps to train."""
+
+    learning_rate: float = Field(default=1e-4, gt=0.0)
+    """The peak learning rate (after warmup)."""
+
+
+class TextualInversionParams(MethodParams):
+    """Textual inversion (Gal et al. 2022): learns new token embeddings for a concept; the models stay frozen."""
+
+    datasets: list[DatasetName] | None = Field(default_factory=lambda: ["star"])
+    """Datasets (of `base.datasets`) to train on; null: all of them."""
+
+    max_steps: int = Field(default=300, ge=1)
+    """Optimizer steps to train."""
+
+    learning_rate: float = Field(default=5e-3, gt=0.0)
+    """The peak learning rate (after warmup); embeddings take much larger rates than weights (A1111: 5e-3)."""
+
+    placeholder_token: str = "<sks>"
+    """The new token that names the concept in prompts. With several vectors, the extra tokens are
+    `<token>_1`, `<token>_2`, … (diffusers' multi-vector convention); prompts still use `<token>` alone."""
+
+    num_vectors: int = Field(default=1, ge=1, le=75)
+    """Embedding vectors learned for the token: more vectors hold more detail but leave fewer of the prompt's
+    tokens and overfit sooner."""
+
+    initializer_word: str = Field(default="shape", min_length=1)
+    """Word(s) whose embeddings start the new vectors: a coarse description of the concept (`dog`, `shape`).
+    If it tokenizes to several tokens, they are spread over the vectors."""
+
+    replace_word: str | None = "sks"
+    """The trigger word of the captions, replaced by the placeholder token; captions without it get the
+    placeholder token prepended. Null: always prepend."""
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _token_is_one_word(cls, token: str) -> str:
+        if not token or token != token.strip() or any(c.isspace() for c in token):
+            raise ValueError("placeholder_token must be one word without spaces, e.g. <sks>")
+        return token
 
 
 class TrainParams(Section):
     methods: list[Literal[METHODS]] = Field(default_factory=list)  # type: ignore[valid-type]
     """Methods to train, each as its own `train@<method>` stage writing `artifacts/train/<method>/`."""
+
+    common: TrainCommon = Field(default_factory=TrainCommon)
+    """Settings every method shares."""
+
+    textual_inversion: TextualInversionParams = Field(default_factory=TextualInversionParams)
+    """Textual inversion: new token embeddings (A1111 `.pt`/`.safetensors` and diffusers-loadable)."""
 
     @field_validator("methods")
     @classmethod

@@ -1,0 +1,135 @@
+"""Textual inversion (Gal et al. 2022): learn the embedding of a new token that names a concept.
+
+Nothing of the model changes but one new row (or several) of the text encoder's token-embedding matrix:
+
+1. `setup` adds the placeholder token `<sks>` to the tokenizer (and `<sks>_1`, `<sks>_2`, … for several
+   vectors, diffusers' multi-vector convention), grows the embedding matrix and starts the new rows from the
+   embeddings of the initializer word.
+2. `caption` rewrites each caption: the trigger word (`sks`) becomes the placeholder tokens, or they are
+   prepended when the caption lacks it. Sample prompts go through the same rewrite.
+3. The training core (`sdpipe.training`) runs the diffusion loss through the frozen UNet; gradients reach the
+   embedding matrix only, and `after_optimizer_step` puts every row but the new ones back (AdamW's weight decay
+   would otherwise move them).
+4. `save` writes the learned rows as `embedding.safetensors` (the A1111/kohya layout, one key `emb_params`,
+   [num_vectors, hidden]; diffusers: `pipe.load_textual_inversion(path, token="<sks>")`) and `embedding.pt`
+   (A1111's layout; loads with `torch.load(weights_only=True)`; diffusers takes the token from its `name`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from sdpipe.config.train import TextualInversionParams
+from sdpipe.encode import save_safetensors
+from sdpipe.errors import SdpipeError
+from sdpipe.models.loading import model_fingerprint
+from sdpipe.training import Models, TrainingMethod, run_training
+
+SAFETENSORS_FILE = "embedding.safetensors"
+A1111_FILE = "embedding.pt"
+A1111_TOKEN_ID = 265  # A1111 always writes 265 (CLIP's id of `*`) here; loaders ignore it
+
+
+def train(params, out_dir: Path) -> dict:
+    """The `train@textual_inversion` stage: trains the embedding and writes `<out_dir>/model/embedding.*`."""
+    method = TextualInversion(params.train.textual_inversion, base_model=params.base.base_model)
+    return run_training(params, method, out_dir)
+
+
+class TextualInversion(TrainingMethod):
+    """Trains the new rows of the text encoder's token embeddings; everything else stays as it was."""
+
+    name = "textual_inversion"
+    trained_models = ("text_encoder",)
+
+    def __init__(self, params: TextualInversionParams, base_model: str):
+        super().__init__(params)
+        self.base_model = base_model
+        first = params.placeholder_token
+        self.tokens = [first] + [f"{first}_{i}" for i in range(1, params.num_vectors)]
+        self.placeholder_text = " ".join(self.tokens)
+
+    def setup(self, models: Models) -> None:
+        """Adds the placeholder tokens and their embedding rows, started from the initializer word."""
+        tokenizer, text_encoder = models.tokenizer, models.text_encoder
+        taken = [token for token in self.tokens if token in tokenizer.get_vocab()]
+        if taken:
+            raise SdpipeError(
+                f"{self.params_key}.placeholder_token: the tokenizer of base.base_model already has the token "
+                f"{taken[0]!r}; choose a token it does not know, e.g. <my-concept>"
+            )
+        init_ids = tokenizer(self.params.initializer_word, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise SdpipeError(
+                f"{self.params_key}.initializer_word {self.params.initializer_word!r} gives no tokens; use a word"
+            )
+        tokenizer.add_tokens(self.tokens)
+        self.token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+        self.embeddings = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for vector, token_id in enumerate(self.token_ids):
+                # Several initializer tokens are spread over the vectors, as A1111 does.
+                init_id = init_ids[vector * len(init_ids) // len(self.token_ids)]
+                self.embeddings[token_id] = self.embeddings[init_id]
+        self.embeddings.requires_grad_(True)
+        self.original_embeddings = self.embeddings.detach().clone()
+        self.frozen_rows = torch.ones(len(self.embeddings), dtype=torch.bool)
+        self.frozen_rows[self.token_ids] = False
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.embeddings]
+
+    def caption(self, caption: str) -> str:
+        """`a small sks shape` → `a small <sks> shape` (`<sks> <sks>_1` with 2 vectors); `a star` → `<sks> a star`."""
+        if not caption.strip():
+            return caption  # a dropped caption trains the unconditional prediction
+        placeholder = re.escape(self.params.placeholder_token)
+        if re.search(rf"{placeholder}(?![\w-])", caption):
+            return re.sub(rf"{placeholder}(?![\w-])", self.placeholder_text, caption)
+        word = self.params.replace_word
+        if word:
+            whole_word = rf"(?<![\w<]){re.escape(word)}(?![\w>])"
+            replaced, count = re.subn(whole_word, self.placeholder_text, caption, flags=re.IGNORECASE)
+            if count:
+                return replaced
+        return f"{self.placeholder_text} {caption}"
+
+    def after_optimizer_step(self, models: Models) -> None:
+        if self.original_embeddings.device != self.embeddings.device:
+            self.original_embeddings = self.original_embeddings.to(self.embeddings.device)
+            self.frozen_rows = self.frozen_rows.to(self.embeddings.device)
+        with torch.no_grad():
+            self.embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows]
+
+    def learned_vectors(self) -> torch.Tensor:
+        """The learned embeddings, [num_vectors, hidden], fp32 on the CPU."""
+        return self.embeddings.detach()[self.token_ids].float().cpu().contiguous()
+
+    def save(self, models: Models, folder: Path, step: int) -> None:
+        vectors = self.learned_vectors()
+        metadata = {"placeholder_token": self.params.placeholder_token, "num_vectors": str(len(self.tokens))}
+        save_safetensors({"emb_params": vectors}, folder / SAFETENSORS_FILE, metadata)
+        torch.save(
+            {
+                "string_to_token": {"*": A1111_TOKEN_ID},
+                "string_to_param": {"*": vectors.clone()},
+                "name": self.params.placeholder_token,
+                "step": step,
+                "sd_checkpoint": checkpoint_hash(self.base_model),
+                "sd_checkpoint_name": Path(self.base_model).stem,
+            },
+            folder / A1111_FILE,
+        )
+
+
+def checkpoint_hash(base_model: str) -> str:
+    """A short hash of the base model's files, for A1111's `sd_checkpoint` field (informative only)."""
+    try:
+        return model_fingerprint(base_model)[:10]
+    except SdpipeError:
+        return ""

@@ -1,0 +1,378 @@
+"""The training loop every method shares, in the spirit of diffusers' training examples (one linear function).
+
+`run_training(params, method, out_dir)` trains `method` (a `TrainingMethod`) on the cached latents and captions
+of its datasets and writes, under `out_dir`:
+
+- `model/`: the method's final files (`method.save`), written atomically at the very end;
+- `metrics.json`: final loss, steps, images (deterministic: no timings);
+- `samples/step-NNNNNN.png`: fixed-seed sample images every `train.common.sample_every` steps;
+- `live/`: DVCLive metrics (loss and learning rate per step);
+- `checkpoints/step-NNNNNN/`: the full training state every `train.common.checkpoint_every` steps (before the
+  last); the one folder that persists across runs, resumed from when its params and data are unchanged.
+
+On the CPU the same params and seed give bitwise-identical files, and a resumed run ends with exactly the
+weights of an uninterrupted one: every random draw is a function of the seed and the step
+(`sdpipe.training.rng`), and the checkpoint holds the rest of the state.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from sdpipe.data.captions import apply_caption_ops
+from sdpipe.errors import SdpipeError
+from sdpipe.io import atomic_path, write_json
+from sdpipe.models.loading import (
+    classify_model_source,
+    load_noise_scheduler,
+    load_pipeline,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+    resolve_device,
+    resolve_dtype,
+)
+from sdpipe.progress import log, track
+from sdpipe.training.checkpoints import latest_checkpoint, remove_stale_checkpoints, run_fingerprint, save_checkpoint
+from sdpipe.training.data import Batch, LatentBatches, load_examples
+from sdpipe.training.diffusion import diffusion_loss, prediction_target, sample_noise, sample_timesteps
+from sdpipe.training.method import Models, TrainingMethod
+from sdpipe.training.optim import make_lr_scheduler, make_optimizer
+from sdpipe.training.rng import python_rng, torch_generator
+from sdpipe.training.samples import sample_images, save_grid
+
+MODEL_DIR = "model"
+SAMPLES_DIR = "samples"
+LIVE_DIR = "live"
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+LOSS_WINDOW = 50  # metrics.json's `loss` is the mean over the last this many steps
+MIXED_PRECISION = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
+    """Trains `method` under `params` (the whole `Params`), writes its outputs under `out_dir`; returns the metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out_dir = Path(out_dir)
+    common, method_params, key = params.train.common, method.params, method.params_key
+    seed, max_steps = params.base.seed, method_params.max_steps
+    started = time.monotonic()
+
+    # 1. The accelerator: device, mixed precision, gradient accumulation (and processes under `accelerate launch`).
+    device = resolve_device(params.base.device)
+    weight_dtype = resolve_dtype(params.base.precision, device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # `cuda:N`: the accelerator uses the current CUDA device
+    accelerator = Accelerator(
+        mixed_precision=MIXED_PRECISION[weight_dtype],
+        gradient_accumulation_steps=common.gradient_accumulation_steps,
+        cpu=device.type == "cpu",
+    )
+    device = accelerator.device
+    set_seed(seed)  # the global RNGs: only dropout-like layers draw from them
+
+    # 2. The data: cached latents and captions of the method's datasets.
+    datasets = method_datasets(params.base.datasets, method_params.datasets, key)
+    latents_dir, captions_dir = Path(params.paths.latents), Path(params.paths.captions)
+    examples = load_examples(latents_dir, captions_dir, datasets, params.base.base_model)
+    batches = LatentBatches(examples, common.batch_size, seed, common.flip)
+    input_files = [latents_dir / f"{name}.safetensors" for name in datasets]
+    input_files += [captions_dir / f"{name}.jsonl" for name in datasets]
+
+    # 3. The models: all frozen, then the method changes them and unfreezes what it trains.
+    models = load_models(params.base, device)
+    check_latents_fit(examples[0], models.unet, latents_dir)
+    timestep_range(common, models.noise_scheduler)  # checked before any work
+    method.setup(models)
+    for name in ("unet", "text_encoder"):
+        model = getattr(models, name)
+        if name in method.trained_models:
+            model.train()
+        elif weight_dtype != torch.float32:
+            model.to(device, dtype=weight_dtype)  # frozen weights in the compute precision (less memory)
+        else:
+            model.to(device)
+    if common.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if method.text_encoder_trains:
+            models.text_encoder.gradient_checkpointing_enable()
+
+    # 4. Optimizer and schedule; accelerate wraps the trained models (mixed precision, DDP) and the optimizer.
+    parameters = method.trainable_parameters()
+    if not parameters:
+        raise SdpipeError(f"{key}: the method has no trainable parameters")
+    optimizer = make_optimizer(parameters, method_params.learning_rate, common, device)
+    lr_scheduler = make_lr_scheduler(optimizer, common, max_steps)
+    prepared = accelerator.prepare(*[getattr(models, name) for name in method.trained_models], optimizer)
+    for name, module in zip(method.trained_models, prepared[:-1]):
+        setattr(models, name, module)
+    optimizer = prepared[-1]
+    accelerator.register_for_checkpointing(lr_scheduler)
+    trained_modules = [getattr(models, name) for name in method.trained_models]
+
+    # 5. Resume from the latest checkpoint made with the same params and data.
+    checkpoints_dir = out_dir / CHECKPOINTS_DIR
+    fingerprint = run_fingerprint(method.name, method_params, params, input_files)
+    start_step, losses = 0, []
+    if accelerator.is_main_process:
+        remove_stale_checkpoints(checkpoints_dir, fingerprint if common.resume else None)
+    accelerator.wait_for_everyone()
+    resumable = latest_checkpoint(checkpoints_dir, fingerprint)
+    if resumable is not None:
+        checkpoint, run_info = resumable
+        accelerator.load_state(str(checkpoint))
+        start_step, losses = run_info["step"], list(run_info["losses"])
+        log(f"train {method.name}: resuming from {checkpoint} (step {start_step} of {max_steps})")
+    live = start_live(out_dir, start_step) if accelerator.is_main_process else None
+
+    # 6. Train.
+    text_cache = TextCache(method, models) if can_cache_text(method, common) else None
+    accumulation = common.gradient_accumulation_steps
+    vae = None
+    try:
+        for step in track(range(start_step, max_steps), f"train {method.name}", total=max_steps - start_step):
+            step_loss = 0.0
+            for micro in range(accumulation):
+                index = step * accumulation + micro  # the global micro-batch index
+                batch = batches.batch(index * accelerator.num_processes + accelerator.process_index)
+                rng_parts = (index, accelerator.process_index)
+                caption_rng = python_rng(seed, "captions", *rng_parts)
+                captions = [
+                    method.caption(apply_caption_ops(caption, common.caption_ops, caption_rng))
+                    for caption in batch.captions
+                ]
+                noise_generator = torch_generator(seed, "noise", *rng_parts)
+                with accelerator.accumulate(*trained_modules):
+                    loss = batch_loss(method, models, batch, captions, text_cache, noise_generator, common, accelerator)
+                    if not torch.isfinite(loss):
+                        raise diverged(loss, step, max_steps, key, method_params.learning_rate, out_dir)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and common.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(parameters, common.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach() / accumulation
+            lr_scheduler.step()
+            method.after_optimizer_step(models)
+            losses.append(accelerator.reduce(step_loss, reduction="mean").item())
+            done = step + 1
+
+            if live is not None:
+                live.step = done
+                live.log_metric("loss", losses[-1])
+                live.log_metric("lr", lr_scheduler.get_last_lr()[0])
+            sample_now = common.sample_every and (done % common.sample_every == 0 or done == max_steps)
+            if sample_now and accelerator.is_main_process:
+                if vae is None:  # loaded only when sampling
+                    vae = load_vae(
+                        params.base.base_model, params.base.base_model_config, dtype=weight_dtype, device=device
+                    )
+                sample_path = out_dir / SAMPLES_DIR / f"step-{done:06d}.png"
+                save_samples(method, models, vae, accelerator, common, seed, sample_path)
+            if common.checkpoint_every and done % common.checkpoint_every == 0 and done < max_steps:
+                run_info = {"fingerprint": fingerprint, "losses": losses}
+                save_checkpoint(accelerator, checkpoints_dir, done, run_info, common.keep_checkpoints)
+    finally:
+        if live is not None:
+            live.end()
+
+    # 7. The method's final files and the metrics, written only now and atomically.
+    accelerator.wait_for_everyone()
+    metrics = {
+        "loss": sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]),
+        "steps": max_steps,
+        "images": len(examples),
+    }
+    if accelerator.is_main_process:
+        (out_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing was sampled
+        with atomic_path(out_dir / MODEL_DIR) as tmp:
+            tmp.mkdir()
+            method.save(unwrapped(models, accelerator), tmp, max_steps)
+        write_json(out_dir / METRICS_FILE, metrics)
+        seconds = time.monotonic() - started
+        log(f"train {method.name}: {max_steps} steps, loss {metrics['loss']:.4f}, {seconds:.0f}s -> {out_dir}")
+    accelerator.end_training()
+    return metrics
+
+
+def method_datasets(base_datasets: list[str], chosen: list[str] | None, key: str) -> list[str]:
+    """The datasets a method trains on: its own choice, which must be prepared (in `base.datasets`), or all of them."""
+    if chosen is None:
+        return list(base_datasets)
+    missing = [name for name in chosen if name not in base_datasets]
+    if missing:
+        raise SdpipeError(
+            f"{key}.datasets lists {', '.join(missing)}, which base.datasets ({', '.join(base_datasets)}) does not; "
+            "only datasets in base.datasets are prepared, captioned and encoded"
+        )
+    if not chosen:
+        raise SdpipeError(f"{key}.datasets is empty; list at least one dataset of base.datasets, or null for all")
+    return list(chosen)
+
+
+def load_models(base, device: torch.device) -> Models:
+    """The tokenizer, text encoder, UNet and training noise scheduler of `base.base_model`, in fp32 on the CPU."""
+    source = classify_model_source(base.base_model)
+    if source == "single_file":  # one file holds every model: build the pipeline once and take its parts
+        pipe = load_pipeline(base.base_model, base.base_model_config)
+        tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    else:
+        tokenizer = load_tokenizer(base.base_model, base.base_model_config)
+        text_encoder = load_text_encoder(base.base_model, base.base_model_config)
+        unet = load_unet(base.base_model, base.base_model_config)
+    for model in (text_encoder, unet):
+        model.requires_grad_(False)
+        model.eval()
+    noise_scheduler = load_noise_scheduler(base.base_model, base.base_model_config)
+    return Models(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, noise_scheduler=noise_scheduler, device=device
+    )
+
+
+def check_latents_fit(example, unet, latents_dir: Path) -> None:
+    channels = example.latents.shape[0]
+    if channels != unet.config.in_channels:
+        raise SdpipeError(
+            f"{latents_dir}: the latents have {channels} channels but the UNet of base.base_model takes "
+            f"{unet.config.in_channels}; run the `encode` stage again with this base model"
+        )
+
+
+def timestep_range(common, noise_scheduler) -> tuple[int, int]:
+    """[low, high) of the sampled timesteps, checked against the scheduler's number of timesteps."""
+    total = noise_scheduler.config.num_train_timesteps
+    high = common.max_timestep if common.max_timestep is not None else total
+    if high > total:
+        raise SdpipeError(
+            f"train.common.max_timestep ({high}) is larger than the base model's num_train_timesteps ({total})"
+        )
+    if common.min_timestep >= high:
+        raise SdpipeError(f"train.common.min_timestep ({common.min_timestep}) must be smaller than {high}")
+    return common.min_timestep, high
+
+
+def can_cache_text(method: TrainingMethod, common) -> bool:
+    """Text encoder outputs can be cached when it is frozen and each caption has few variants."""
+    ops = common.caption_ops
+    return common.cache_text_embeddings and not method.text_encoder_trains and not (ops.shuffle_tags or ops.tag_dropout)
+
+
+class TextCache:
+    """The frozen text encoder's output per caption, computed once (one caption at a time, so that an entry does
+    not depend on which batch first needed it)."""
+
+    def __init__(self, method: TrainingMethod, models: Models):
+        self.method, self.models = method, models
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        for caption in captions:
+            if caption not in self.cache:
+                with torch.no_grad():
+                    self.cache[caption] = self.method.encode_text(self.models, [caption])[0]
+        return torch.stack([self.cache[caption] for caption in captions])
+
+
+def batch_loss(
+    method: TrainingMethod,
+    models: Models,
+    batch: Batch,
+    captions: list[str],
+    text_cache: TextCache | None,
+    generator: torch.Generator,
+    common,
+    accelerator,
+) -> torch.Tensor:
+    """The diffusion loss of one micro-batch: noise the latents at random timesteps, predict, compare."""
+    device = accelerator.device
+    latents = batch.latents.to(device)
+    noise = sample_noise(latents.shape, generator, common.noise_offset).to(device)
+    low, high = timestep_range(common, models.noise_scheduler)
+    timesteps = sample_timesteps(len(latents), low, high, generator).to(device)
+    noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(models.noise_scheduler, latents, noise, timesteps)
+    with accelerator.autocast():
+        encoder_hidden_states = text_cache(captions) if text_cache is not None else method.encode_text(models, captions)
+        prediction = method.predict(models, noisy_latents, timesteps, encoder_hidden_states)
+    return diffusion_loss(prediction, target, timesteps, models.noise_scheduler, common.snr_gamma)
+
+
+def diverged(
+    loss: torch.Tensor, step: int, max_steps: int, key: str, learning_rate: float, out_dir: Path
+) -> SdpipeError:
+    return SdpipeError(
+        f"{key}: the training loss became {loss.item()} at step {step + 1} of {max_steps}: the training diverged. "
+        f"Lower {key}.learning_rate (now {learning_rate:g}), or clip gradients with train.common.max_grad_norm. "
+        f"No model was written to {out_dir / MODEL_DIR}"
+    )
+
+
+def unwrapped(models: Models, accelerator) -> Models:
+    """`models` with accelerate's wrappers removed (what a method saves and what samples use)."""
+    return Models(
+        tokenizer=models.tokenizer,
+        text_encoder=accelerator.unwrap_model(models.text_encoder),
+        unet=accelerator.unwrap_model(models.unet),
+        noise_scheduler=models.noise_scheduler,
+        device=models.device,
+    )
+
+
+def save_samples(method: TrainingMethod, models: Models, vae, accelerator, common, seed: int, path: Path) -> None:
+    plain = unwrapped(models, accelerator)
+    prompts = [method.caption(prompt) for prompt in common.sample_prompts]
+    with accelerator.autocast():
+        images = sample_images(
+            vae,
+            plain.text_encoder,
+            plain.tokenizer,
+            plain.unet,
+            plain.noise_scheduler,
+            prompts,
+            seed,
+            common.sample_steps,
+            common.sample_guidance_scale,
+            accelerator.device,
+        )
+    save_grid(images, path)
+
+
+def start_live(out_dir: Path, start_step: int):
+    """DVCLive logging into `<out>/live` (no dvc.yaml, no experiment); a resumed run continues the history."""
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    live_dir = out_dir / LIVE_DIR
+    if start_step == 0:
+        shutil.rmtree(out_dir / SAMPLES_DIR, ignore_errors=True)  # samples of an earlier run
+    else:
+        trim_live_history(live_dir, start_step)
+    try:
+        return Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=start_step > 0, report=None)
+    except SCMError as error:  # DVCLive reads the Git HEAD, which a repository without commits lacks
+        raise SdpipeError(
+            f"DVCLive cannot log the training metrics here ({error}): make a first commit (git commit) and run again"
+        ) from None
+
+
+def trim_live_history(live_dir: Path, last_step: int) -> None:
+    """Drops the rows after `last_step` that an interrupted run logged, so that the resumed run does not repeat them."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        with tsv.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+            fields = list(rows[0].keys()) if rows else None
+        if fields is None or "step" not in fields:
+            continue
+        kept = [row for row in rows if int(row["step"]) <= last_step]
+        with tsv.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
+            writer.writeheader()
+            writer.writerows(kept)

@@ -1,0 +1,95 @@
+"""The seam between the training core and a training method.
+
+A method subclasses `TrainingMethod` and says:
+
+- `setup(models)`: how it changes the base models (new tokens, adapters) and which parameters train
+  (the core has already frozen everything; `setup` turns on `requires_grad` where it trains);
+- `trainable_parameters()`: what the optimizer updates;
+- `trained_models`: which `Models` attributes hold those parameters (the core prepares them with accelerate
+  for mixed precision and multi-GPU, and checkpoints them);
+- `caption(text)`: how a caption (or sample prompt) is rewritten for it (e.g. the trigger word becomes a token);
+- `encode_text(models, captions)` / `predict(models, ...)`: how a batch's conditioning is built and the UNet
+  called, when the defaults (CLIP text encoder hidden states; a plain UNet call) do not fit;
+- `after_optimizer_step(models)`: anything to restore after an update;
+- `save(models, folder, step)`: its final files, in the formats the ecosystem loads.
+
+The core (`sdpipe.training.loop.run_training`) does everything else: data, noise, loss, optimizer, schedule,
+mixed precision, checkpoints and resume, samples, metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdpipe.config.train import MethodParams
+
+
+@dataclass
+class Models:
+    """The parts of the base model that training uses. Trained ones may be wrapped by accelerate (DDP)."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    device: torch.device
+
+
+class TrainingMethod:
+    """Base class of the training methods; the defaults suit a method that trains the UNet only."""
+
+    name: str = ""
+    """The method's name: its params are `train.<name>`, its outputs `<paths.train>/<name>/`."""
+
+    trained_models: tuple[str, ...] = ()
+    """`Models` attributes (`unet`, `text_encoder`) whose parameters train."""
+
+    def __init__(self, params: MethodParams):
+        self.params = params
+
+    @property
+    def params_key(self) -> str:
+        """The method's params section, for error messages."""
+        return f"train.{self.name}"
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether text encoder outputs change during training (then they are never cached)."""
+        return "text_encoder" in self.trained_models
+
+    def setup(self, models: Models) -> None:
+        """Changes the (frozen, CPU, fp32) base models before training and turns on `requires_grad` where it trains."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def caption(self, caption: str) -> str:
+        """The caption this method trains on (and the sample prompt it samples) for a dataset caption."""
+        return caption
+
+    def encode_text(self, models: Models, captions: list[str]) -> torch.Tensor:
+        """The UNet's `encoder_hidden_states` for `captions`: the CLIP text encoder's last hidden states."""
+        tokenizer = models.tokenizer
+        input_ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return models.text_encoder(input_ids.to(models.device))[0]
+
+    def predict(
+        self, models: Models, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's prediction for a batch (a method may add conditioning or combine several calls)."""
+        return models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    def after_optimizer_step(self, models: Models) -> None:
+        """Called after every optimizer step."""
+
+    def save(self, models: Models, folder: Path, step: int) -> None:
+        """Writes the method's final files into `folder` (an empty temporary folder, moved into place afterwards).
+
+        `models` are unwrapped (plain diffusers/transformers modules).
+        """
+        raise NotImplementedError

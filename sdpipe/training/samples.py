@@ -1,0 +1,71 @@
+"""Fixed-seed sample images during training: the same prompts and seeds at every sampling step, so that the
+images show how the model changes. Each prompt's image is seeded with `seed + its index`; DDIM sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sdpipe.io import atomic_path
+
+
+@torch.no_grad()
+def sample_images(
+    vae,
+    text_encoder,
+    tokenizer,
+    unet,
+    noise_scheduler,
+    prompts: list[str],
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    device: torch.device,
+) -> list[Image.Image]:
+    """One image per prompt, with unwrapped models; the models' train/eval modes are left as they were."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False),  # latents are not in [-1, 1]
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    modes = [(module, module.training) for module in (text_encoder, unet)]
+    for module, _ in modes:
+        module.eval()
+    try:
+        size = unet.config.sample_size * pipeline.vae_scale_factor
+        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        # Drawn on the CPU, one generator per prompt: the same images whatever the device and the prompt count.
+        latents = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed + index)) for index in range(len(prompts))]
+        ).to(device)
+        return pipeline(
+            prompts,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            latents=latents.to(unet.dtype),
+        ).images
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+def save_grid(images: list[Image.Image], path: Path) -> None:
+    """The images side by side in one PNG, written atomically."""
+    width, height = images[0].size
+    grid = Image.new("RGB", (width * len(images), height))
+    for index, image in enumerate(images):
+        grid.paste(image, (index * width, 0))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
