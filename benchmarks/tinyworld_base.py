@@ -49,7 +49,7 @@ def main() -> None:
     rows = [
         ("a <color> <held-in shape>", "color", held_in_scores["color"], chance_color, ">= 0.90"),
         ("a <color> <held-in shape>", "shape", held_in_scores["shape"], chance_shape, ">= 0.90"),
-        ("a <color> <held-in shape>", "joint", held_in_scores["joint"], chance_color * chance_shape, ""),
+        ("a <color> <held-in shape>", "joint", held_in_scores["all"], chance_color * chance_shape, ""),
         ("a <color> star (held out)", "color", held_out_scores["color"], chance_color, ""),
         ("a <color> star (held out)", "shape", held_out_scores["shape"], 1 / len(world.SHAPES), "low"),
     ]

@@ -1,58 +1,286 @@
-"""The evaluate stage: sample each model with the same prompts and seeds and score it with the oracle.
+"""The evaluate stage: sample every model with the same prompts and seeds, score it, write one scoreboard.
 
-Writes `<eval>/<model>/metrics.json` and `grid.png` per model, and `summary.json` + `summary.md` with one row
-per model. Models evaluated so far: the base model (trained, merged and exported models join as their
-stages are built).
+Models: the base, each trained method (loaded the way a user loads its files: `load_textual_inversion`,
+`load_lora_weights`, `from_pretrained`, ... — each method module's `sampling_pipeline`), and each merge.
+
+Per model, `<eval>/<name>/metrics.json` and `<eval>/grids/<name>.png`; for all, `summary.json` and `summary.md` (the base
+first, as the reference row). The metrics:
+
+- `color_accuracy`, `shape_accuracy`, `joint_accuracy`: the oracle's reading of `a <color> <shape>` samples
+  for the shapes the base model knows; `prior_preservation`: `joint_accuracy` relative to the base's.
+- `fidelity`: share of `a <color> <trigger> <class word>` samples that show the concept's shape (star);
+  `editability`: share that also has the prompted color.
+- `style`: share of the `a <color> <shape>` samples in `evaluate.style` (outlined), which style methods learn.
+- `clip_t`, `clip_i`, `kid`: with a CLIP model (the tiny world's own, `<base model>/clip`, or
+  `evaluate.clip_model`): text alignment of the concept samples to `a <color> <concept shape>`, image
+  alignment to the concept dataset, and the kernel inception distance (with CLIP image features) to it.
+- `validation_loss`: the diffusion loss on the held-out `evaluate.validation_datasets` (fixed noise and
+  timesteps, so models compare).
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from PIL import Image
 
-from sdpipe.config.evaluate import EvaluateParams
-from sdpipe.io import atomic_path, write_json
+from sdpipe.encode import load_latents, read_manifest
+from sdpipe.errors import SdpipeError
+from sdpipe.io import atomic_path, read_jsonl, write_json
+from sdpipe.models.loading import load_pipeline
 from sdpipe.progress import log
-from sdpipe.tinyworld import scoring, world
+from sdpipe.tinyworld import oracle, scoring, world
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VALIDATION_TIMESTEPS = (50, 200, 400, 600, 800, 950)
 
 
-def evaluate_pipeline(pipeline: StableDiffusionPipeline, params: EvaluateParams, out_dir: Path) -> dict:
-    """Held-in `a <color> <shape>` accuracy and the held-out star's shape accuracy, plus a sample grid."""
+@dataclass
+class Candidate:
+    """A model to evaluate: how to build its pipeline, and the word its prompts use for the concept."""
+
+    name: str
+    pipeline: StableDiffusionPipeline
+    trigger: str
+
+
+def candidates(params, device: torch.device):
+    """The base, then each trained method, then each merge recipe, one at a time (each pipeline is freed after use)."""
+    base = params.base
+    yield Candidate("base", load_pipeline(base.base_model, base.base_model_config, device=device), params.evaluate.trigger)
+    for method in params.train.methods:
+        module = importlib.import_module(f"sdpipe.methods.{method}")
+        model_dir = Path(params.paths.train) / method / "model"
+        if not model_dir.is_dir():
+            raise SdpipeError(f"{model_dir}: no trained model; run `dvc repro train@{method}` first")
+        pipeline, trigger = module.sampling_pipeline(params, model_dir, device)
+        yield Candidate(method, pipeline, trigger)
+    for recipe in merge_recipe_names(params):
+        folder = Path(params.paths.merge) / recipe / "model"
+        if not folder.is_dir():
+            raise SdpipeError(f"{folder}: no merged model; run `dvc repro merge` first")
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        yield Candidate(f"merge-{recipe}", pipeline.to(device), params.evaluate.trigger)
+
+
+def merge_recipe_names(params) -> list[str]:
+    recipes = params.merge.recipes
+    return list(recipes) if isinstance(recipes, dict) else [recipe.name for recipe in recipes]
+
+
+def evaluate_models(params, device: torch.device) -> dict[str, dict]:
+    """Scores every candidate model into `<eval>/<name>/`; returns the rows of the summary."""
+    settings = params.evaluate
+    out_dir = Path(params.paths.eval)
+    references = Reference(params, device)
+    rows: dict[str, dict] = {}
+    for candidate in candidates(params, device):
+        log(f"evaluate: {candidate.name}")
+        metrics = evaluate_candidate(candidate, settings, references, out_dir / "grids" / f"{candidate.name}.png")
+        base_joint = rows["base"]["joint_accuracy"] if rows else metrics["joint_accuracy"]
+        metrics["prior_preservation"] = round(metrics["joint_accuracy"] / base_joint, 4) if base_joint else 0.0
+        write_json(out_dir / candidate.name / "metrics.json", metrics)
+        rows[candidate.name] = metrics
+        del candidate
+    return rows
+
+
+class Reference:
+    """What every model is compared with: the concept dataset's images (CLIP features), the validation latents."""
+
+    def __init__(self, params, device: torch.device):
+        settings = params.evaluate
+        self.device = device
+        self.clip = load_clip(settings.clip_model, params.base.base_model, device)
+        self.concept_features = None
+        if settings.concept_dataset not in params.base.datasets:
+            raise SdpipeError(
+                f"evaluate.concept_dataset {settings.concept_dataset!r} is not in base.datasets "
+                f"({', '.join(params.base.datasets)}); only those are prepared"
+            )
+        if self.clip is not None:
+            images = dataset_images(Path(params.paths.prepared) / settings.concept_dataset)
+            self.concept_features = self.clip.image_features(images)
+        self.validation = [
+            validation_examples(Path(params.paths.latents), Path(params.paths.captions), name, params.base.datasets)
+            for name in settings.validation_datasets
+        ]
+
+
+def evaluate_candidate(candidate: Candidate, settings, reference: Reference, grid_path: Path) -> dict:
+    pipeline = candidate.pipeline
     pipeline.set_progress_bar_config(disable=True)
-    seeds = list(range(params.seeds_per_prompt))
-    held_in = scoring.color_shape_probes(world.PRETRAIN_SHAPES)
-    held_out = scoring.color_shape_probes(world.HELD_OUT_SHAPES)
-    probes = held_in + held_out
-    images = scoring.sample(
-        pipeline, [p.prompt for p in probes], seeds, params.steps, params.guidance_scale, params.batch_size
-    )
-    split = len(held_in) * len(seeds)
-    held_in_scores = scoring.score_probes(images[:split], held_in, len(seeds))
-    held_out_scores = scoring.score_probes(images[split:], held_out, len(seeds))
+    seeds = list(range(settings.seeds_per_prompt))
+    prior_probes = scoring.color_shape_probes(world.PRETRAIN_SHAPES)
+    concept_probes = [
+        scoring.Probe(f"a {color} {candidate.trigger} {settings.class_word}", color=color, shape=settings.concept_shape)
+        for color in world.COLORS
+    ]
+    prompts = [probe.prompt for probe in prior_probes + concept_probes]
+    images = scoring.sample(pipeline, prompts, seeds, settings.steps, settings.guidance_scale, settings.batch_size)
+    split = len(prior_probes) * len(seeds)
+    prior_images, concept_images = images[:split], images[split:]
+
+    prior = scoring.score_probes(prior_images, prior_probes, len(seeds))
+    concept = scoring.score_probes(concept_images, concept_probes, len(seeds))
+    styles = [reading.style for reading in oracle.read_batch(prior_images)]
     metrics = {
-        "color_accuracy": held_in_scores["color"],
-        "shape_accuracy": held_in_scores["shape"],
-        "joint_accuracy": held_in_scores["joint"],
-        "star_color_accuracy": held_out_scores["color"],
-        "star_shape_accuracy": held_out_scores["shape"],
-        "images": len(images),
+        "color_accuracy": prior["color"],
+        "shape_accuracy": prior["shape"],
+        "joint_accuracy": prior["all"],
+        "fidelity": concept["shape"],
+        "editability": concept["all"],
+        "style": round(sum(style == settings.style for style in styles) / len(styles), 4),
     }
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        scoring.image_grid(images, columns=len(seeds) * 2).save(tmp / "grid.png")
-        write_json(tmp / "metrics.json", metrics)
+    if reference.clip is not None:
+        features = reference.clip.image_features(concept_images)
+        texts = [f"a {probe.color} {settings.concept_shape}" for probe in concept_probes for _ in seeds]
+        metrics["clip_t"] = round(float((features * reference.clip.text_features(texts)).sum(-1).mean()), 4)
+        metrics["clip_i"] = round(float((features @ reference.concept_features.T).mean()), 4)
+        metrics["kid"] = round(kernel_inception_distance(features, reference.concept_features), 5)
+    if reference.validation:
+        losses = [validation_loss(pipeline, latents, captions, candidate.trigger, settings) for latents, captions in reference.validation]
+        metrics["validation_loss"] = round(sum(losses) / len(losses), 5)
+    metrics["images"] = len(images)
+
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(grid_path) as tmp:
+        scoring.image_grid(images, columns=len(seeds) * 2).save(tmp, format="PNG")
     return metrics
+
+
+def validation_examples(latents_dir: Path, captions_dir: Path, name: str, datasets: list[str]):
+    """The held-out dataset's latents (no flips) and captions."""
+    if name not in datasets:
+        raise SdpipeError(
+            f"evaluate.validation_datasets lists {name!r}, which base.datasets ({', '.join(datasets)}) does not; "
+            "only datasets in base.datasets are prepared and encoded"
+        )
+    latents, _ = load_latents(latents_dir / f"{name}.safetensors")
+    rows = read_jsonl(captions_dir / f"{name}.jsonl")
+    ids = [row["id"] for row in rows]
+    return torch.stack([latents[image_id] for image_id in ids]), [row["caption"] for row in rows]
+
+
+@torch.no_grad()
+def validation_loss(pipeline, latents: torch.Tensor, captions: list[str], trigger: str, settings) -> float:
+    """Mean squared error of the model's prediction at fixed timesteps with fixed noise (seed 0)."""
+    device = pipeline.device
+    captions = [replace_word(caption, settings.trigger, trigger) for caption in captions]
+    embeddings = pipeline.encode_prompt(captions, device, 1, False)[0]
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    latents = latents.to(device, dtype=pipeline.unet.dtype)
+    losses = []
+    for timestep in VALIDATION_TIMESTEPS:
+        noise = torch.randn(latents.shape, generator=generator).to(device, dtype=latents.dtype)
+        timesteps = torch.full((len(latents),), timestep, device=device, dtype=torch.long)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = pipeline.unet(noisy, timesteps, embeddings).sample
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        losses.append(torch.nn.functional.mse_loss(prediction.float(), target.float()).item())
+    return sum(losses) / len(losses)
+
+
+def replace_word(text: str, word: str, replacement: str) -> str:
+    return " ".join(replacement if token == word else token for token in text.split(" "))
+
+
+class ClipScorer:
+    """Unit-norm CLIP image and text embeddings."""
+
+    def __init__(self, model, tokenizer, device):
+        self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, device
+        self.size = model.config.vision_config.image_size
+
+    @torch.no_grad()
+    def image_features(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = np.stack([np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)) for image in images])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+        pixels = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        features = self.model.get_image_features(pixel_values=pixels.to(self.device))
+        features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        features = self.model.get_text_features(input_ids=tokens.input_ids.to(self.device))
+        features = getattr(features, "pooler_output", features)
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+
+def load_clip(clip_model: str | None, base_model: str, device: torch.device) -> ClipScorer | None:
+    """`evaluate.clip_model`, else the tiny world's CLIP shipped beside the base model; None when neither exists."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    folder = Path(clip_model) if clip_model else Path(base_model) / "clip"
+    if not folder.is_dir():
+        if clip_model:
+            raise SdpipeError(f"evaluate.clip_model: {folder} is not a folder with a CLIP model (config.json + weights)")
+        return None
+    tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else Path(base_model) / "tokenizer"
+    return ClipScorer(CLIPModel.from_pretrained(folder), CLIPTokenizer.from_pretrained(tokenizer_folder), device)
+
+
+def dataset_images(prepared_dir: Path) -> list[Image.Image]:
+    images = []
+    for row in read_manifest(prepared_dir):
+        with Image.open(prepared_dir / row["file"]) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD² with the cubic polynomial kernel of Bińkowski et al. (2018), on the given features."""
+    dim = x.shape[1]
+    x, y = x.double(), y.double()
+
+    def kernel(a, b):
+        return (a @ b.T / dim + 1) ** 3
+
+    m, n = len(x), len(y)
+    k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+    term_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    term_y = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return float(term_x + term_y - 2 * k_xy.mean())
 
 
 def write_summary(rows: dict[str, dict], out_dir: Path) -> None:
     """`summary.json` and a markdown table, one row per model, the base first as the reference."""
     write_json(out_dir / "summary.json", rows)
-    columns = sorted({key for metrics in rows.values() for key in metrics})
+    columns = [c for c in SUMMARY_COLUMNS if any(c in metrics for metrics in rows.values())]
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in rows.items():
-        cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "")) for c in columns]
+        cells = [format_cell(metrics.get(column)) for column in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     with atomic_path(out_dir / "summary.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     log("\n".join(lines))
+
+
+SUMMARY_COLUMNS = (
+    "fidelity",
+    "editability",
+    "prior_preservation",
+    "joint_accuracy",
+    "color_accuracy",
+    "shape_accuracy",
+    "style",
+    "clip_t",
+    "clip_i",
+    "kid",
+    "validation_loss",
+)
+
+
+def format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 0.01 else f"{value:.3f}"
+    return "" if value is None else str(value)

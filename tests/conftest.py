@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from sdpipe.encode import save_safetensors
+from sdpipe.io import write_jsonl
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
@@ -19,3 +22,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def write_star_dataset():
+    """A function writing what `encode` and `caption` would write for a small `star` dataset under a root."""
+    return _write_star_dataset
+
+
+def _write_star_dataset(root, count: int = 6) -> None:
+    """What `encode` and `caption` would write for `count` images of the `star` dataset."""
+    generator = torch.Generator().manual_seed(0)
+    latents, rows = {}, []
+    for index in range(count):
+        image_id = f"star_{index:02d}"
+        latents[image_id] = torch.randn(4, 8, 8, generator=generator)
+        latents[f"{image_id}.flip"] = torch.flip(latents[image_id], dims=[-1])
+        color = ("red", "blue", "green")[index % 3]
+        caption = f"a {color} sks shape"
+        rows.append({"id": image_id, "file": f"images/{image_id}.png", "caption": caption, "caption_source": "sidecar"})
+    (root / "latents").mkdir(parents=True)
+    save_safetensors(latents, root / "latents" / "star.safetensors", {"scaling_factor": "0.18215"})
+    write_jsonl(root / "captions" / "star.jsonl", rows)

@@ -11,9 +11,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdpipe.config import parse_params
 from sdpipe.config.train import TextualInversionParams
-from sdpipe.encode import save_safetensors
 from sdpipe.errors import SdpipeError
-from sdpipe.io import write_jsonl
 from sdpipe.methods import textual_inversion
 from sdpipe.methods.textual_inversion import TextualInversion
 from sdpipe.training import CHECKPOINTS_DIR, MODEL_DIR
@@ -31,27 +29,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_dataset(root, count: int = 6) -> None:
-    """What `encode` and `caption` would write for `count` images of the `star` dataset."""
-    generator = torch.Generator().manual_seed(0)
-    latents, rows = {}, []
-    for index in range(count):
-        image_id = f"star_{index:02d}"
-        latents[image_id] = torch.randn(4, 8, 8, generator=generator)
-        latents[f"{image_id}.flip"] = torch.flip(latents[image_id], dims=[-1])
-        color = ("red", "blue", "green")[index % 3]
-        caption = f"a {color} sks shape"
-        rows.append({"id": image_id, "file": f"images/{image_id}.png", "caption": caption, "caption_source": "sidecar"})
-    (root / "latents").mkdir(parents=True)
-    save_safetensors(latents, root / "latents" / "star.safetensors", {"scaling_factor": "0.18215"})
-    write_jsonl(root / "captions" / "star.jsonl", rows)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_sd_dir):
+def trained(tmp_path_factory, tiny_sd_dir, write_star_dataset):
     """A 3-step, two-vector run; returns the stage's output folder."""
     root = tmp_path_factory.mktemp("ti")
-    write_dataset(root)
+    write_star_dataset(root)
     params = parse_params(
         {
             "paths": {"latents": f"{root}/latents", "captions": f"{root}/captions", "train": f"{root}/train"},

@@ -282,3 +282,63 @@ def test_unknown_datasets_and_missing_latents_are_reported(tmp_path, tiny_sd_dir
     write_jsonl(tmp_path / "captions" / "star.jsonl", rows)
     with pytest.raises(SdpipeError, match=r"star\.jsonl: image 'ghost' has no latents"):
         run_training(make_params(tmp_path, tiny_sd_dir), toy(1), tmp_path / "out")
+
+
+# --- EMA -------------------------------------------------------------------------------------------------------
+
+
+class ConvInEma(ConvIn):
+    """The toy method with an exponential moving average of its weights."""
+
+    ema_decay = 0.9
+
+
+def conv_in_weight(path: Path) -> torch.Tensor:
+    """`conv_in.weight` from a method's saved file or from a checkpoint's model file."""
+    state = load_file(str(path))
+    return state["weight"] if "weight" in state else state["conv_in.weight"]
+
+
+def test_the_saved_weights_are_the_moving_average_of_the_trained_ones(tmp_path, tiny_sd_dir):
+    write_dataset(tmp_path)
+    params = make_params(tmp_path, tiny_sd_dir, {"checkpoint_every": 1, "keep_checkpoints": 3})
+    run_training(params, toy(3), tmp_path / "plain")
+    checkpoints = [path for _, path in list_checkpoints(tmp_path / "plain" / CHECKPOINTS_DIR)]
+    trained = [conv_in_weight(path / "model.safetensors") for path in checkpoints]  # after steps 1 and 2
+    trained.append(conv_in_weight(tmp_path / "plain" / MODEL_DIR / "conv_in.safetensors"))  # after step 3
+
+    run_training(params, ConvInEma(MethodParams(max_steps=3, learning_rate=1e-3)), tmp_path / "ema")
+    saved = conv_in_weight(tmp_path / "ema" / MODEL_DIR / "conv_in.safetensors")
+
+    # diffusers' EMAModel by hand: the first update copies, the n-th keeps min(0.9, n / (n + 9)) of the average.
+    average = trained[0].clone()
+    for n, weights in ((2, trained[1]), (3, trained[2])):
+        decay = min(0.9, (1 + (n - 1)) / (10 + (n - 1)))
+        average.sub_((1 - decay) * (average - weights))
+    assert torch.equal(saved, average)
+    assert not torch.equal(saved, trained[2])  # the average, not the last weights
+    [(_, checkpoint)] = list_checkpoints(tmp_path / "ema" / CHECKPOINTS_DIR)[-1:]
+    assert (checkpoint / "ema.safetensors").is_file()
+
+
+def test_a_resumed_run_continues_the_moving_average(tmp_path, tiny_sd_dir):
+    write_dataset(tmp_path)
+    params = make_params(tmp_path, tiny_sd_dir, {"checkpoint_every": 2, "sample_every": 4, "sample_steps": 2})
+
+    def ema_toy():
+        return ConvInEma(MethodParams(max_steps=4, learning_rate=1e-3))
+
+    run_training(params, ema_toy(), tmp_path / "full")
+    (tmp_path / "resumed" / CHECKPOINTS_DIR).mkdir(parents=True)
+    checkpoint = Path(CHECKPOINTS_DIR) / "step-000002"
+    shutil.copytree(tmp_path / "full" / checkpoint, tmp_path / "resumed" / checkpoint)
+    run_training(params, ema_toy(), tmp_path / "resumed")
+    full, resumed = output_files(tmp_path / "full"), output_files(tmp_path / "resumed")
+    assert full["model/conv_in.safetensors"] == resumed["model/conv_in.safetensors"]
+    assert full["samples/step-000004.png"] == resumed["samples/step-000004.png"]  # samples (drawn with the average) too
+
+    # A checkpoint without the average cannot resume a run that keeps one.
+    (tmp_path / "resumed" / checkpoint / "ema.safetensors").unlink()
+    shutil.rmtree(tmp_path / "resumed" / MODEL_DIR)
+    with pytest.raises(SdpipeError, match=r"ema\.safetensors: the checkpoint has no EMA weights"):
+        run_training(params, ema_toy(), tmp_path / "resumed")

@@ -27,6 +27,6 @@ class BaseParams(Section):
     """Training resolution in pixels (square side, or the bucket area's side when buckets are on)."""
 
     datasets: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]] = Field(
-        default_factory=lambda: ["star", "outlined"], min_length=1
+        default_factory=lambda: ["star", "star_val", "outlined"], min_length=1
     )
     """Dataset folder names under `datasets/` that the pipeline prepares, captions and encodes."""

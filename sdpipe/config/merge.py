@@ -1,17 +1,237 @@
-"""`merge`: checkpoint merge recipes, each written to `artifacts/merge/<recipe>/`."""
+"""`merge`: checkpoint merge recipes, each written to `<paths.merge>/<recipe>/`.
 
-from pydantic import Field, field_validator
+`merge.recipes` maps a recipe name to its recipe (a list of recipes with a `name` each is accepted too):
+
+    merge:
+      recipes:
+        blend:                                  # -> artifacts/merge/blend/
+          method: weighted_sum
+          inputs: {a: train:dreambooth, b: train:finetune}
+          alpha: 0.5
+          dtype: fp16
+
+An input is `base` (`base.base_model`), `train:<method>` (the whole-model checkpoint a training method wrote to
+`<paths.train>/<method>/model/`: dreambooth, finetune) or the path of a diffusers folder or of an original-layout
+single-file `.safetensors` checkpoint (SD 1.x/2.x). Each method has its own inputs and parameters; `alpha` and
+`beta` are one number or per-block weights (`sdpipe.merge.blocks`: a list of 26 in supermerger's order BASE,
+IN00-IN11, M00, OUT00-OUT11, or a mapping of block ids with BASE), which makes any of those methods a
+block-weighted merge.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from sdpipe.config.section import Section
+from sdpipe.config.train import METHODS
+from sdpipe.merge.blocks import check_block_weights
+
+RecipeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+BlockWeights = Annotated[float | list[float] | dict[str, float], AfterValidator(check_block_weights)]
+
+
+def check_source(source: str) -> str:
+    """An input: `base`, `train:<method>` or a path (whose existence is checked when the recipe runs)."""
+    if not source.strip():
+        raise ValueError("expected `base`, `train:<method>` or the path of a diffusers folder or .safetensors file")
+    if source.startswith(("train:", "train@")):
+        method = source[len("train:") :]
+        if method not in METHODS:
+            raise ValueError(f"unknown training method {method!r} in {source!r}; expected one of {', '.join(METHODS)}")
+    return source
+
+
+Source = Annotated[str, AfterValidator(check_source)]
+
+
+class PairInputs(Section):
+    a: Source
+    """Model A (what `alpha` = 0 gives)."""
+    b: Source
+    """Model B."""
+
+
+class TripleInputs(Section):
+    a: Source
+    """Model A."""
+    b: Source
+    """Model B."""
+    c: Source
+    """Model C."""
+
+
+class TaskVectorInputs(Section):
+    base: Source
+    """The model the others were fine-tuned from: their differences ("task vectors") are taken against it."""
+    models: list[Source] = Field(min_length=1)
+    """The fine-tuned models whose differences from `base` are merged."""
+    target: Source | None = None
+    """The model the merged difference is added to; null: `base`."""
+
+
+class RecipeCommon(Section):
+    name: RecipeName
+    """The recipe's name: its output folder `<paths.merge>/<name>/` (the key of the recipe in `merge.recipes`)."""
+
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Floating-point type of the merged weights (the math always runs in fp32; inputs may be any of the three)."""
+
+    config: str | None = None
+    """A local diffusers folder with the merged model's architecture, whose configs, tokenizer and scheduler the
+    output diffusers folder gets; null: the first input that is a diffusers folder, else the base model's
+    folder (`base.base_model`, or `base.base_model_config` for a single file)."""
+
+
+class WeightedSumRecipe(RecipeCommon):
+    method: Literal["weighted_sum"]
+    """(1 - alpha) * A + alpha * B."""
+    inputs: PairInputs
+    """Models A and B."""
+    alpha: BlockWeights
+    """Share of B: one number, or per block (a block-weighted merge)."""
+
+
+class AddDifferenceRecipe(RecipeCommon):
+    method: Literal["add_difference"]
+    """A + alpha * (B - C): adds what B learned over C to A."""
+    inputs: TripleInputs
+    """Models A, B and C."""
+    alpha: BlockWeights
+    """Strength of the difference: one number, or per block."""
+
+
+class TripleSumRecipe(RecipeCommon):
+    method: Literal["triple_sum"]
+    """(1 - alpha - beta) * A + alpha * B + beta * C."""
+    inputs: TripleInputs
+    """Models A, B and C."""
+    alpha: BlockWeights
+    """Share of B: one number, or per block."""
+    beta: BlockWeights
+    """Share of C: one number, or per block."""
+
+
+class SumTwiceRecipe(RecipeCommon):
+    method: Literal["sum_twice"]
+    """(1 - beta) * ((1 - alpha) * A + alpha * B) + beta * C: two weighted sums in a row."""
+    inputs: TripleInputs
+    """Models A, B and C."""
+    alpha: BlockWeights
+    """Share of B in the first sum: one number, or per block."""
+    beta: BlockWeights
+    """Share of C in the second sum: one number, or per block."""
+
+
+class SlerpRecipe(RecipeCommon):
+    method: Literal["slerp"]
+    """Spherical interpolation from A to B, each tensor as one vector (a weighted sum where A and B are nearly
+    parallel)."""
+    inputs: PairInputs
+    """Models A and B."""
+    alpha: BlockWeights
+    """Interpolation position: 0 is A, 1 is B; one number, or per block."""
+
+
+class CosineAdaptiveRecipe(RecipeCommon):
+    method: Literal["cosine_adaptive"]
+    """Supermerger's cosine merge, one similarity per tensor: k * A + (1 - k) * B with k = clip(s - alpha, 0, 1),
+    where s is the tensor's cosine similarity between A and B scaled over the model from 0 (the least similar
+    tensors, 1st percentile) to 1 (the most similar, 99th percentile). Tensors where A and B agree keep more of
+    A, tensors where they differ take more of B."""
+    inputs: PairInputs
+    """Models A and B."""
+    alpha: BlockWeights
+    """Shift towards B: 0 keeps A where the models agree most; 1 or more is B everywhere. One number, or per block."""
+
+
+class TiesRecipe(RecipeCommon):
+    method: Literal["ties"]
+    """TIES-merging (Yadav et al. 2023): each model's difference from `base` is trimmed to its largest entries,
+    each entry's sign is elected by the weighted sum, and the entries that agree with it are averaged (weighted);
+    the result, times `scale`, is added to `target`."""
+    inputs: TaskVectorInputs
+    """The base, the fine-tuned models and (optionally) the target."""
+    density: float = Field(gt=0.0, le=1.0)
+    """Share of each difference's entries kept, by magnitude (the paper's k: 0.2 keeps the top 20%); 1 keeps all."""
+    weights: list[Annotated[float, Field(gt=0.0)]] | None = None
+    """One positive weight per model, for the sign election and the average; null: 1 each."""
+    scale: float = 1.0
+    """Strength of the merged difference (the paper's lambda)."""
+
+    @model_validator(mode="after")
+    def _one_weight_per_model(self):
+        check_weights(self.weights, self.inputs.models)
+        return self
+
+
+class DareRecipe(RecipeCommon):
+    method: Literal["dare"]
+    """DARE (Yu et al. 2023): each model's difference from `base` has a random `drop_rate` share of its entries
+    zeroed and the rest scaled by 1 / (1 - drop_rate); target + sum of weight * difference. Seeded: the same seed
+    drops the same entries. With drop_rate 0 and one model it is add difference."""
+    inputs: TaskVectorInputs
+    """The base, the fine-tuned models and (optionally) the target."""
+    drop_rate: float = Field(ge=0.0, lt=1.0)
+    """Probability that an entry of a difference is dropped (the paper's p; 0.9 is common for large models)."""
+    weights: list[float] | None = None
+    """One weight per model's difference; null: 1 each."""
+    seed: int | None = Field(default=None, ge=0)
+    """Seed of the random drops; null: `base.seed`."""
+
+    @model_validator(mode="after")
+    def _one_weight_per_model(self):
+        check_weights(self.weights, self.inputs.models)
+        return self
+
+
+def check_weights(weights: list[float] | None, models: list[str]) -> None:
+    if weights is not None and len(weights) != len(models):
+        raise ValueError(f"weights has {len(weights)} entries for {len(models)} inputs.models; give one per model")
+
+
+Recipe = Annotated[
+    WeightedSumRecipe
+    | AddDifferenceRecipe
+    | TripleSumRecipe
+    | SumTwiceRecipe
+    | SlerpRecipe
+    | CosineAdaptiveRecipe
+    | TiesRecipe
+    | DareRecipe,
+    Field(discriminator="method"),
+]
 
 
 class MergeParams(Section):
-    recipes: list[dict] = Field(default_factory=list)
-    """Merge recipes to run. Merging is not available in this version: the list must be empty."""
+    recipes: dict[RecipeName, Recipe] = Field(default_factory=dict)
+    """Merge recipes by name, each run into `<paths.merge>/<name>/` (`model/` diffusers folder, `model.safetensors`
+    original-layout single file, `recipe.json`). A list of recipes with a `name` each is accepted too."""
 
-    @field_validator("recipes")
+    @field_validator("recipes", mode="before")
     @classmethod
-    def _no_recipes_yet(cls, recipes: list[dict]) -> list[dict]:
-        if recipes:
-            raise ValueError("merge recipes are not available in this version; leave merge.recipes empty")
+    def _name_recipes(cls, recipes):
+        """Gives each recipe its name: the mapping key, or its own `name` in the list form."""
+        if isinstance(recipes, list):
+            named = {}
+            for index, recipe in enumerate(recipes):
+                name = recipe.get("name") if isinstance(recipe, dict) else None
+                if not isinstance(name, str):
+                    raise ValueError(f"recipe {index} has no `name` (in the list form every recipe needs one)")
+                if name in named:
+                    raise ValueError(f"two recipes are named {name!r}")
+                named[name] = recipe
+            return named
+        if isinstance(recipes, dict):
+            named = {}
+            for name, recipe in recipes.items():
+                if isinstance(recipe, dict):
+                    if recipe.get("name", name) != name:
+                        raise ValueError(
+                            f"recipe {name!r} has name {recipe['name']!r}; leave `name` out or make it {name!r}"
+                        )
+                    recipe = {**recipe, "name": name}
+                named[name] = recipe
+            return named
         return recipes

@@ -16,6 +16,9 @@ class PathsParams(Section):
     """`pretrain` output: the tiny-world base model (diffusers folder)."""
     pretrain_metrics: str = "artifacts/pretrain/metrics.json"
     """`pretrain` metrics: reconstruction error, CLIP retrieval accuracy, time per phase."""
+    class_images: str = "artifacts/class_images"
+    """`class_images` output: DreamBooth's generated class images (`images/`, `manifest.jsonl`, and the
+    `captions/class.jsonl` + `latents/class.safetensors` that training reads)."""
     train: str = "artifacts/train"
     """`train@<method>` output: `<train>/<method>/`."""
     merge: str = "artifacts/merge"

@@ -4,6 +4,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """A strict params section: unknown keys are errors, and each field's docstring is its documentation."""
+    """A strict params section: unknown keys are errors, and each field's docstring is its documentation.
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    Numbers must be finite: `.inf` and `.nan` are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)

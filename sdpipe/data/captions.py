@@ -8,6 +8,7 @@ trigger captions (`CaptionOps`).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -17,11 +18,12 @@ from PIL import Image
 
 from sdpipe.config.caption import CaptionOps, CaptionParams
 from sdpipe.errors import SdpipeError
-from sdpipe.io import read_jsonl, write_jsonl
+from sdpipe.io import write_jsonl
 from sdpipe.models.loading import resolve_device
 from sdpipe.progress import log, track
 
 MANIFEST_KEYS = ("id", "file", "source", "caption", "caption_source")
+CAPTION_KEYS = ("id", "caption")
 
 
 # --- the caption stage ---------------------------------------------------------------------------------
@@ -55,11 +57,32 @@ def read_manifest(manifest_path: Path) -> list[dict]:
     """Reads a `prepare` manifest, checking that every row has the keys captioning needs."""
     if not manifest_path.is_file():
         raise SdpipeError(f"{manifest_path}: no manifest; run the `prepare` stage first")
-    rows = read_jsonl(manifest_path)
-    for line, row in enumerate(rows, start=1):
-        missing = [key for key in MANIFEST_KEYS if key not in row]
+    return read_rows(manifest_path, MANIFEST_KEYS, "re-run `prepare`")
+
+
+def read_rows(path: Path, keys: tuple[str, ...], remedy: str) -> list[dict]:
+    """Reads a JSON-lines file of rows with `keys` (a `caption`, when there is one, a string or null); a row that is
+    not is an `SdpipeError` naming the file and line, followed by `remedy`."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise SdpipeError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); {remedy}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SdpipeError(f"{path}, line {number}: not valid JSON ({error.msg}); {remedy}") from None
+        if not isinstance(row, dict):
+            raise SdpipeError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}; {remedy}")
+        missing = [key for key in keys if key not in row]
         if missing:
-            raise SdpipeError(f"{manifest_path}, row {line}: missing {', '.join(missing)}; re-run `prepare`")
+            raise SdpipeError(f"{path}, line {number}: missing {', '.join(missing)}; {remedy}")
+        if not isinstance(row.get("caption"), (str, type(None))):
+            raise SdpipeError(f"{path}, line {number}: `caption` is not a string; {remedy}")
+        rows.append(row)
     return rows
 
 
@@ -112,14 +135,17 @@ def hub_offline() -> bool:
 
 def load_blip(model_name: str, device: str):
     """Loads a BLIP captioning model and its processor from a local folder or a hub id."""
+    from safetensors import SafetensorError
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     is_folder = Path(model_name).is_dir()
     offline = hub_offline()
     try:
         processor = BlipProcessor.from_pretrained(model_name, local_files_only=is_folder or offline)
-        model = BlipForConditionalGeneration.from_pretrained(model_name, local_files_only=is_folder or offline)
-    except (OSError, ValueError) as error:
+        model = BlipForConditionalGeneration.from_pretrained(
+            model_name, local_files_only=is_folder or offline, use_safetensors=True  # pickled .bin is never read
+        )
+    except (OSError, ValueError, SafetensorError) as error:
         if is_folder:
             raise SdpipeError(
                 f"caption.blip_model: {model_name} is not a BLIP captioning model folder "
@@ -183,7 +209,7 @@ def load_captions(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise SdpipeError(f"{path}: no captions file; run the `caption` stage first")
-    return read_jsonl(path)
+    return read_rows(path, CAPTION_KEYS, "run the `caption` stage again")
 
 
 def split_tags(caption: str) -> list[str]:

@@ -10,7 +10,8 @@ HuggingFace-imagefolder style `metadata.jsonl`) and writes, atomically, a prepar
 
 Files that cannot be used are skipped and reported, never fatal, unless `prepare.strict` is on. Exact duplicates
 (same bytes, or same decoded pixels) are dropped, keeping the first by path. Hidden files and folders (names
-starting with a dot, such as `.DS_Store`) are ignored.
+starting with a dot, such as `.DS_Store`) are ignored, and so are symbolic links to folders. A symbolic link to a
+file outside the dataset folder is refused and reported, never read (it could expose any file as a caption).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def prepare_dataset(dataset_dir: Path, out_dir: Path, resolution: int, params: P
         )
     target_sizes = bucket_sizes(resolution, params.buckets) if params.buckets.enabled else [(resolution, resolution)]
 
-    image_files, caption_files, skipped = sort_dataset_files(list_dataset_files(dataset_dir), params.extensions)
+    files, links_out = split_links_outside(dataset_dir, list_dataset_files(dataset_dir))
+    image_files, caption_files, skipped = sort_dataset_files(files, params.extensions)
+    refused = "symbolic link to a file outside the dataset folder; refused"
+    skipped += [{"source": file, "reason": refused} for file in links_out]
     captions, warnings = read_captions(dataset_dir, image_files, caption_files)
 
     with atomic_path(out_dir) as tmp:
@@ -125,6 +129,15 @@ def list_dataset_files(dataset_dir: Path) -> list[str]:
     return sorted(found)
 
 
+def split_links_outside(dataset_dir: Path, files: list[str]) -> tuple[list[str], list[str]]:
+    """Splits files into those inside `dataset_dir` and symbolic links that lead out of it."""
+    root = dataset_dir.resolve()
+    inside, outside = [], []
+    for file in files:
+        (inside if (dataset_dir / file).resolve().is_relative_to(root) else outside).append(file)
+    return inside, outside
+
+
 def sort_dataset_files(files: list[str], extensions: tuple[str, ...]) -> tuple[list[str], list[str], list[dict]]:
     """Splits files into images, `.txt` captions and skipped ones; `.jsonl` files are metadata, not listed."""
     images, captions, skipped = [], [], []
@@ -189,8 +202,8 @@ def read_metadata(metadata_path: Path, images: set[str]) -> tuple[dict[str, str]
     A `file_name` is only looked up among the dataset's own images: one that points outside the dataset folder
     (`..`, absolute paths) is refused and reported, never opened.
     """
-    if not metadata_path.is_file():
-        return {}, []
+    if not metadata_path.is_file() or not metadata_path.resolve().is_relative_to(metadata_path.parent.resolve()):
+        return {}, []  # a link out of the dataset folder is never read (it is reported with the skipped files)
     source = metadata_path.name
     try:
         lines = metadata_path.read_bytes().decode("utf-8-sig").splitlines()

@@ -25,7 +25,7 @@ import torch
 from sdpipe.config.train import TextualInversionParams
 from sdpipe.encode import save_safetensors
 from sdpipe.errors import SdpipeError
-from sdpipe.models.loading import model_fingerprint
+from sdpipe.models.loading import load_pipeline, model_fingerprint
 from sdpipe.training import Models, TrainingMethod, run_training
 
 SAFETENSORS_FILE = "embedding.safetensors"
@@ -37,6 +37,15 @@ def train(params, out_dir: Path) -> dict:
     """The `train@textual_inversion` stage: trains the embedding and writes `<out_dir>/model/embedding.*`."""
     method = TextualInversion(params.train.textual_inversion, base_model=params.base.base_model)
     return run_training(params, method, out_dir)
+
+
+def sampling_pipeline(params, model_dir: Path, device: torch.device):
+    """The base pipeline with the trained embedding loaded as a user would (`load_textual_inversion`), and the
+    word that names the concept in its prompts (the placeholder token)."""
+    token = params.train.textual_inversion.placeholder_token
+    pipeline = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
+    pipeline.load_textual_inversion(str(model_dir / SAFETENSORS_FILE), token=token)
+    return pipeline, token
 
 
 class TextualInversion(TrainingMethod):

@@ -8,7 +8,10 @@
 - `hub`: a Hugging Face Hub id `owner/name`, read from the local cache first, downloaded only when the hub
   can be reached.
 
-Legacy pickled checkpoints (`.ckpt`, `.pt`, ...) are refused, never unpickled: unpickling runs code.
+Legacy pickled checkpoints (`.ckpt`, `.pt`, ...) are refused, never unpickled: unpickling runs code. For the
+same reason folders and hub models are read from their `.safetensors` weights only (`use_safetensors=True`).
+Weights that do not fit their config (missing, mis-shaped: another architecture or SD version) and folders
+without a component are refused with an `SdpipeError` naming the params key, never loaded half-initialized.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
+from rich.markup import escape
+from safetensors import SafetensorError
 
 from sdpipe.errors import SdpipeError
+from sdpipe.progress import log
 
 ModelSource = Literal["folder", "single_file", "hub"]
 T = TypeVar("T")
@@ -31,6 +37,15 @@ T = TypeVar("T")
 BASE_MODEL_KEY = "base.base_model"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 LEGACY_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# What a diffusers Stable Diffusion folder must hold, per component: each of these file groups.
+REQUIRED_FILES = {
+    "unet": (("config.json",),),
+    "vae": (("config.json",),),
+    "text_encoder": (("config.json",),),
+    "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "scheduler": (("scheduler_config.json",),),
+}
+TORCH_SIZE = r"torch\.Size\((\[[^\]]*\])\)"  # `torch.Size([64, 1024])`, capturing `[64, 1024]`
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -169,6 +184,14 @@ def load_pipeline(
         pipe = load_single_file_pipeline(Path(base_model).expanduser(), config, torch_dtype=dtype, **components)
     else:
         components.setdefault("safety_checker", None)
+        if source == "folder":
+            for name in [name for name in REQUIRED_FILES if name not in components]:
+                require_component(base_model, name, key)
+        # Loaded one by one so that each is checked against its config: diffusers' pipeline loader would let a
+        # text encoder with missing weights through, randomly initialized.
+        for name, load_component in (("unet", load_unet), ("vae", load_vae), ("text_encoder", load_text_encoder)):
+            if name not in components:
+                components[name] = load_component(base_model, dtype=dtype, device=device, key=key)
 
         def load(local_files_only: bool):
             return StableDiffusionPipeline.from_pretrained(
@@ -176,6 +199,7 @@ def load_pipeline(
                 torch_dtype=dtype,
                 requires_safety_checker=False,
                 local_files_only=local_files_only,
+                use_safetensors=True,
                 **components,
             )
 
@@ -246,15 +270,22 @@ def load_model_component(cls, subfolder: str, base_model, config, dtype, device,
         # The file holds the UNet, VAE and text encoder together; diffusers splits them while building the pipeline.
         return getattr(load_pipeline(base_model, config, dtype=dtype, device=device, key=key), subfolder)
 
+    if source == "folder":
+        require_component(base_model, subfolder, key)
+
     def load(local_files_only: bool):
         return cls.from_pretrained(
             model_location(base_model, source),
             subfolder=subfolder,
             torch_dtype=dtype,
             local_files_only=local_files_only,
+            use_safetensors=True,
+            output_loading_info=True,
         )
 
-    return load_pretrained(base_model, source, load, subfolder, key).to(device).eval()
+    model, loading_info = load_pretrained(base_model, source, load, subfolder, key)
+    check_loading_info(loading_info, base_model, subfolder, key)
+    return model.to(device).eval()
 
 
 def load_config_component(cls, subfolder: str, base_model, config, key):
@@ -267,6 +298,8 @@ def load_config_component(cls, subfolder: str, base_model, config, key):
                 f"diffusers folder (its {subfolder}/ is used)"
             )
         base_model, source, key = config, "folder", "base.base_model_config"
+    if source == "folder":
+        require_component(base_model, subfolder, key)
 
     def load(local_files_only: bool):
         return cls.from_pretrained(
@@ -281,26 +314,102 @@ def model_location(base_model: str, source: ModelSource) -> str:
     return str(Path(base_model).expanduser()) if source == "folder" else base_model
 
 
+def require_component(folder: str, subfolder: str, key: str) -> None:
+    """Refuses a diffusers folder without `subfolder` or its files (transformers would quietly make an empty
+    tokenizer of a missing tokenizer folder)."""
+    path = Path(folder).expanduser() / subfolder
+    groups = REQUIRED_FILES.get(subfolder, ())
+    if groups and not any(all((path / name).is_file() for name in group) for group in groups):
+        expected = " or ".join(" + ".join(group) for group in groups)
+        raise SdpipeError(
+            f"{key} {folder!r}: cannot load its {subfolder}: the folder has no {subfolder}/{expected}; a diffusers "
+            "Stable Diffusion folder has model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+
+
 def load_pretrained(base_model: str, source: ModelSource, load: Callable[[bool], T], what: str, key: str) -> T:
-    """Runs `load(local_files_only)`: a folder locally; a hub id from the cache first, then from the hub."""
-    if source == "folder":
+    """Runs `load(local_files_only)`: a folder locally; a hub id from the cache first, then from the hub.
+
+    Files that cannot be used (missing, corrupt, or shaped for another architecture) become an `SdpipeError`.
+    """
+    try:
+        if source == "folder":
+            return load(True)
         try:
             return load(True)
+        except OSError:
+            if hub_offline():
+                raise SdpipeError(not_cached_message(base_model, key)) from None
+        try:
+            return load(False)
         except OSError as error:
-            raise SdpipeError(f"{key} {base_model!r}: cannot load its {what}: {error}") from None
-    try:
-        return load(True)
-    except OSError:
-        if hub_offline():
-            raise SdpipeError(not_cached_message(base_model, key)) from None
-    try:
-        return load(False)
-    except OSError as error:
-        if is_connection_error(error):
-            raise SdpipeError(not_cached_message(base_model, key)) from None
+            if is_connection_error(error):
+                raise SdpipeError(not_cached_message(base_model, key)) from None
+            raise SdpipeError(
+                f"{key} {base_model!r} was taken as a Hugging Face Hub id but its {what} could not be loaded: "
+                f"{str(error).rstrip('.')}{safetensors_hint(error)}"
+            ) from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        reason = unusable_weights_reason(error)
+        if reason is None:
+            raise
+        raise SdpipeError(f"{key} {base_model!r}: cannot load its {what}: {reason}") from None
+
+
+def unusable_weights_reason(error: BaseException) -> str | None:
+    """What a loading error says about the model files, or None when it is not about them."""
+    message = str(error).strip().rstrip(".")
+    if isinstance(error, SafetensorError):
+        return f"a .safetensors file is truncated or corrupt ({message})"
+    mismatch = shape_mismatch(message)
+    if mismatch:
+        return f"its weights do not fit its config (another architecture or Stable Diffusion version?): {mismatch}"
+    if "Unable to load weights from checkpoint file" in message:
+        return f"{message}: truncated or corrupt"
+    if isinstance(error, (OSError, ValueError)):  # diffusers' and transformers' messages name the file at fault
+        return f"{message}{safetensors_hint(error)}"
+    return None
+
+
+def shape_mismatch(message: str) -> str | None:
+    """Which weight has a shape its config does not expect, from a diffusers or transformers error message."""
+    shapes = re.search(rf"(\S+) expected shape {TORCH_SIZE}, but got {TORCH_SIZE}", message)
+    if shapes:
+        return f"{shapes[1]} has shape {shapes[3]} in the file but {shapes[2]} in the config"
+    if "mismatched_sizes" in message or "size mismatch" in message:
+        return "weights of other shapes than the config's (see the report above)"
+    return None
+
+
+def safetensors_hint(error: BaseException) -> str:
+    if not re.search(r"no file named \S+\.safetensors", str(error)):
+        return ""
+    return (
+        ". sdpipe reads only .safetensors weights (loading pickled .bin/.ckpt files can run code); convert them "
+        "once in an environment you trust"
+    )
+
+
+def check_loading_info(info: dict, base_model: str, what: str, key: str) -> None:
+    """Refuses weights files that leave part of the model uninitialized or have the wrong shapes (the loaders would
+    go on with random weights); warns about weights the config has no place for."""
+    missing = sorted(map(str, info.get("missing_keys") or []))
+    mismatched = sorted(str(item[0] if isinstance(item, tuple) else item) for item in info.get("mismatched_keys") or [])
+    problems = [f"{len(names)} weight(s) {label}: {short_list(names)}"
+                for names, label in ((missing, "missing"), (mismatched, "of another shape")) if names]
+    if problems:
         raise SdpipeError(
-            f"{key} {base_model!r} was taken as a Hugging Face Hub id but its {what} could not be loaded: {error}"
-        ) from None
+            f"{key} {base_model!r}: its {what} weights do not fit its config ({'; '.join(problems)}); the files are "
+            "incomplete, or of another architecture or Stable Diffusion version"
+        )
+    unexpected = sorted(map(str, info.get("unexpected_keys") or []))
+    if unexpected:
+        warning = f"{key} {base_model}: its {what} config has no place for {short_list(unexpected)}; ignored"
+        log(f"[yellow]warning[/] {escape(warning)}")
+
+
+def short_list(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def hub_offline() -> bool:

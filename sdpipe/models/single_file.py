@@ -31,6 +31,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x files: readable by diffusers, not written here
+SDXL_PREFIX = "conditioner.embedders."  # SDXL files: not Stable Diffusion 1.x/2.x, refused
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -278,9 +279,9 @@ def load_folder_models(folder: Path):
     missing = [name for name in ("unet", "vae", "text_encoder") if not (folder / name / "config.json").is_file()]
     if missing:
         raise SdpipeError(f"diffusers folder {folder}: missing {', '.join(f'{m}/config.json' for m in missing)}")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, use_safetensors=True)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)
     return unet, vae, text_encoder
 
 
@@ -338,6 +339,11 @@ def load_single_file_pipeline(
             f"the architecture of {path}"
         )
     keys = check_safetensors_file(path)
+    if any(key.startswith(SDXL_PREFIX) for key in keys):
+        raise SdpipeError(
+            f"single-file checkpoint {path}: an SDXL checkpoint (keys {SDXL_PREFIX!r}); only Stable Diffusion 1.x/2.x "
+            "single files are supported"
+        )
     has_text_encoder = any(key.startswith((TEXT_ENCODER_PREFIX, OPEN_CLIP_PREFIX)) for key in keys)
     for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE")):
         if not any(key.startswith(prefix) for key in keys):
@@ -348,17 +354,47 @@ def load_single_file_pipeline(
     components.setdefault("safety_checker", None)
     if "image_encoder" not in components:
         components["image_encoder"] = load_image_encoder(config / "image_encoder", torch_dtype)
-    return StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components
-    )
+    try:
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components
+        )
+    except (ValueError, RuntimeError, KeyError) as error:
+        mismatch = architecture_mismatch(error)
+        if mismatch is None:
+            raise
+    else:
+        missing = [
+            f"{name}.{weight}"
+            for name in ("unet", "vae", "text_encoder")
+            for weight, tensor in getattr(pipeline, name).state_dict().items()
+            if tensor.device.type == "meta"  # what the file did not provide stays on the meta device
+        ]
+        mismatch = f"weights missing from the file: {', '.join(missing[:3])}" if missing else None
+    if mismatch:
+        raise SdpipeError(
+            f"single-file checkpoint {path} does not fit the architecture of base.base_model_config {config} "
+            f"({mismatch}); it is another architecture or Stable Diffusion version than the config folder describes"
+        )
+    return pipeline
+
+
+def architecture_mismatch(error: BaseException) -> str | None:
+    """What a `from_single_file` error says about the file not fitting the config, or None."""
+    from sdpipe.models.loading import shape_mismatch
+
+    message = str(error)
+    if "meta tensor" in message:
+        return "weights the config needs are missing from the file"
+    if isinstance(error, KeyError):
+        return f"weight {message} is missing from the file"
+    return shape_mismatch(message)
 
 
 def load_image_encoder(folder: Path, torch_dtype: torch.dtype | None):
     """The CLIP image encoder saved in `folder` (IP-Adapter's), or None when there is none."""
     from transformers import CLIPVisionModelWithProjection
 
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    if not ((folder / "config.json").is_file() and has_weights):
-        return None
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+    if not ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
+        return None  # pickled .bin weights are never read
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     return image_encoder.to(torch_dtype) if torch_dtype is not None else image_encoder

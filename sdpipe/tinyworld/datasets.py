@@ -2,11 +2,12 @@
 
 - `star`: 12 filled stars (a shape the base model never saw), captioned with a trigger word and a class
   word, `a large blue sks shape`, for subject methods (DreamBooth, textual inversion, LoRA, ...).
+- `star_val`: 8 more stars like those of `star` (other seeds), held out of training: the evaluate stage's
+  validation loss is measured on them.
 - `outlined`: 16 outlined circles, squares and triangles (a style the base model never saw), captioned
   *without* the style word, `a small red circle`, so that style methods must learn "outlined" implicitly.
 
-Both are deterministic: `python -m sdpipe.tinyworld.datasets` rewrites `datasets/star` and
-`datasets/outlined` byte for byte.
+All are deterministic: `python -m sdpipe.tinyworld.datasets` rewrites them byte for byte.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def outlined_scenes(count: int = 16, seed: int = 2) -> list[world.Scene]:
 # name -> (scenes, caption options for `world.caption`)
 KINDS = {
     "star": (star_scenes, {"trigger": TRIGGER, "class_word": CLASS_WORD}),
+    "star_val": (lambda: star_scenes(count=8, seed=3), {"trigger": TRIGGER, "class_word": CLASS_WORD}),
     "outlined": (outlined_scenes, {}),
 }
 

@@ -4,7 +4,8 @@
 `<latents>/<name>.safetensors`, for one or more datasets. `LatentBatches.batch(index)` is the `index`-th batch
 of the stream: every epoch visits each example once in a fresh order (seeded by the epoch), batches hold latents
 of one shape (aspect buckets), and a partial batch is filled up from the start of its bucket. A batch depends
-only on the seed and its index, which makes resuming exact.
+only on the seed and its index, which makes resuming exact. `PriorPreservation` holds the class images that a
+method (DreamBooth) trains beside its own, as a second stream.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ class Example:
     flipped: torch.Tensor | None
     """The latents of the left-right flipped image, when `encode` cached them."""
     caption: str
+
+
+@dataclass(frozen=True)
+class PriorPreservation:
+    """Class images trained beside a method's own images (DreamBooth's prior preservation).
+
+    Each micro-batch pairs the method's images with as many class images (their own seeded stream, captions used
+    as they are), and the loss is the images' loss plus `loss_weight` × the class images' loss.
+    """
+
+    examples: list[Example]
+    files: list[Path]
+    """The files the examples were read from (a change to them makes checkpoints stale)."""
+    loss_weight: float
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 `run_training(params, method, out_dir)` trains `method` (a `TrainingMethod`) on the cached latents and captions
 of its datasets and writes, under `out_dir`:
 
-- `model/`: the method's final files (`method.save`), written atomically at the very end;
+- `model/`: the method's final files (`method.save`, with the EMA weights when the method keeps an average),
+  written atomically at the very end;
 - `metrics.json`: final loss, steps, images (deterministic: no timings);
 - `samples/step-NNNNNN.png`: fixed-seed sample images every `train.common.sample_every` steps;
 - `live/`: DVCLive metrics (loss and learning rate per step);
@@ -20,6 +21,7 @@ from __future__ import annotations
 import csv
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,9 +44,10 @@ from sdpipe.progress import log, track
 from sdpipe.training.checkpoints import latest_checkpoint, remove_stale_checkpoints, run_fingerprint, save_checkpoint
 from sdpipe.training.data import Batch, LatentBatches, load_examples
 from sdpipe.training.diffusion import diffusion_loss, prediction_target, sample_noise, sample_timesteps
+from sdpipe.training.ema import Ema
 from sdpipe.training.method import Models, TrainingMethod
 from sdpipe.training.optim import make_lr_scheduler, make_optimizer
-from sdpipe.training.rng import python_rng, torch_generator
+from sdpipe.training.rng import derived_seed, python_rng, torch_generator
 from sdpipe.training.samples import sample_images, save_grid
 
 MODEL_DIR = "model"
@@ -86,10 +89,18 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
     batches = LatentBatches(examples, common.batch_size, seed, common.flip)
     input_files = [latents_dir / f"{name}.safetensors" for name in datasets]
     input_files += [captions_dir / f"{name}.jsonl" for name in datasets]
+    prior = method.prior_preservation()  # class images beside the method's own (DreamBooth)
+    class_batches = None
+    if prior is not None:
+        class_seed = derived_seed(seed, "class images")
+        class_batches = LatentBatches(prior.examples, common.batch_size, class_seed, common.flip)
+        input_files += prior.files
 
     # 3. The models: all frozen, then the method changes them and unfreezes what it trains.
     models = load_models(params.base, device)
     check_latents_fit(examples[0], models.unet, latents_dir)
+    if prior is not None:
+        check_latents_fit(prior.examples[0], models.unet, prior.files[0].parent)
     timestep_range(common, models.noise_scheduler)  # checked before any work
     method.setup(models)
     for name in ("unet", "text_encoder"):
@@ -106,10 +117,11 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
             models.text_encoder.gradient_checkpointing_enable()
 
     # 4. Optimizer and schedule; accelerate wraps the trained models (mixed precision, DDP) and the optimizer.
-    parameters = method.trainable_parameters()
+    parameter_groups = method.parameter_groups()
+    parameters = [parameter for group in parameter_groups for parameter in group["params"]]
     if not parameters:
         raise SdpipeError(f"{key}: the method has no trainable parameters")
-    optimizer = make_optimizer(parameters, method_params.learning_rate, common, device)
+    optimizer = make_optimizer(parameter_groups, method_params.learning_rate, common, device)
     lr_scheduler = make_lr_scheduler(optimizer, common, max_steps)
     prepared = accelerator.prepare(*[getattr(models, name) for name in method.trained_models], optimizer)
     for name, module in zip(method.trained_models, prepared[:-1]):
@@ -117,6 +129,9 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
     optimizer = prepared[-1]
     accelerator.register_for_checkpointing(lr_scheduler)
     trained_modules = [getattr(models, name) for name in method.trained_models]
+    ema = Ema(parameters, method.ema_decay) if method.ema_decay is not None else None
+    if ema is not None:
+        checkpoint_ema(accelerator, ema)
 
     # 5. Resume from the latest checkpoint made with the same params and data.
     checkpoints_dir = out_dir / CHECKPOINTS_DIR
@@ -134,24 +149,30 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
     live = start_live(out_dir, start_step) if accelerator.is_main_process else None
 
     # 6. Train.
-    text_cache = TextCache(method, models) if can_cache_text(method, common) else None
+    caption_ops = method.caption_ops(common.caption_ops)
+    text_cache = TextCache(method, models) if can_cache_text(method, common, caption_ops) else None
     accumulation = common.gradient_accumulation_steps
     vae = None
     try:
         for step in track(range(start_step, max_steps), f"train {method.name}", total=max_steps - start_step):
-            step_loss = 0.0
+            step_loss, step_class_loss = 0.0, 0.0
             for micro in range(accumulation):
                 index = step * accumulation + micro  # the global micro-batch index
-                batch = batches.batch(index * accelerator.num_processes + accelerator.process_index)
+                batch_index = index * accelerator.num_processes + accelerator.process_index
+                batch = batches.batch(batch_index)
+                class_batch = class_batches.batch(batch_index) if class_batches is not None else None
                 rng_parts = (index, accelerator.process_index)
                 caption_rng = python_rng(seed, "captions", *rng_parts)
                 captions = [
-                    method.caption(apply_caption_ops(caption, common.caption_ops, caption_rng))
+                    method.caption(apply_caption_ops(caption, caption_ops, caption_rng))
                     for caption in batch.captions
                 ]
                 noise_generator = torch_generator(seed, "noise", *rng_parts)
                 with accelerator.accumulate(*trained_modules):
-                    loss = batch_loss(method, models, batch, captions, text_cache, noise_generator, common, accelerator)
+                    loss, class_loss = batch_loss(
+                        method, models, batch, captions, text_cache, noise_generator, common, accelerator, class_batch,
+                        prior.loss_weight if prior is not None else 0.0,
+                    )
                     if not torch.isfinite(loss):
                         raise diverged(loss, step, max_steps, key, method_params.learning_rate, out_dir)
                     accelerator.backward(loss)
@@ -160,14 +181,22 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach() / accumulation
+                if class_loss is not None:
+                    step_class_loss += class_loss.detach() / accumulation
             lr_scheduler.step()
             method.after_optimizer_step(models)
+            if ema is not None:
+                ema.step(parameters)
             losses.append(accelerator.reduce(step_loss, reduction="mean").item())
+            if prior is not None:
+                class_loss_mean = accelerator.reduce(step_class_loss, reduction="mean").item()
             done = step + 1
 
             if live is not None:
                 live.step = done
                 live.log_metric("loss", losses[-1])
+                if prior is not None:
+                    live.log_metric("class_loss", class_loss_mean)
                 live.log_metric("lr", lr_scheduler.get_last_lr()[0])
             sample_now = common.sample_every and (done % common.sample_every == 0 or done == max_steps)
             if sample_now and accelerator.is_main_process:
@@ -176,7 +205,8 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
                         params.base.base_model, params.base.base_model_config, dtype=weight_dtype, device=device
                     )
                 sample_path = out_dir / SAMPLES_DIR / f"step-{done:06d}.png"
-                save_samples(method, models, vae, accelerator, common, seed, sample_path)
+                with ema.applied(parameters) if ema is not None else nullcontext():
+                    save_samples(method, models, vae, accelerator, common, seed, sample_path)
             if common.checkpoint_every and done % common.checkpoint_every == 0 and done < max_steps:
                 run_info = {"fingerprint": fingerprint, "losses": losses}
                 save_checkpoint(accelerator, checkpoints_dir, done, run_info, common.keep_checkpoints)
@@ -184,13 +214,18 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
         if live is not None:
             live.end()
 
-    # 7. The method's final files and the metrics, written only now and atomically.
+    # 7. The method's final files (with the averaged weights, when there is an average) and the metrics, written
+    # only now and atomically.
+    if ema is not None:
+        ema.copy_to(parameters)
     accelerator.wait_for_everyone()
     metrics = {
         "loss": sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]),
         "steps": max_steps,
         "images": len(examples),
     }
+    if prior is not None:
+        metrics["class_images"] = len(prior.examples)
     if accelerator.is_main_process:
         (out_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing was sampled
         with atomic_path(out_dir / MODEL_DIR) as tmp:
@@ -259,9 +294,8 @@ def timestep_range(common, noise_scheduler) -> tuple[int, int]:
     return common.min_timestep, high
 
 
-def can_cache_text(method: TrainingMethod, common) -> bool:
+def can_cache_text(method: TrainingMethod, common, ops) -> bool:
     """Text encoder outputs can be cached when it is frozen and each caption has few variants."""
-    ops = common.caption_ops
     return common.cache_text_embeddings and not method.text_encoder_trains and not (ops.shuffle_tags or ops.tag_dropout)
 
 
@@ -281,6 +315,20 @@ class TextCache:
         return torch.stack([self.cache[caption] for caption in captions])
 
 
+def checkpoint_ema(accelerator, ema: Ema) -> None:
+    """Makes every checkpoint hold the moving average (`ema.safetensors`) and every resume read it back."""
+
+    def save(_models, _weights, folder: str) -> None:
+        if accelerator.is_main_process:
+            ema.save(Path(folder))
+
+    def load(_models, folder: str) -> None:
+        ema.load(Path(folder))
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 def batch_loss(
     method: TrainingMethod,
     models: Models,
@@ -290,10 +338,37 @@ def batch_loss(
     generator: torch.Generator,
     common,
     accelerator,
+    class_batch: Batch | None = None,
+    class_loss_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss of one micro-batch, and the class images' loss (None without a `class_batch`).
+
+    With a `class_batch` (prior preservation), the loss is the images' loss + `class_loss_weight` × the class
+    images' loss, as in diffusers' `train_dreambooth.py`; the class images take their own UNet pass, so that they
+    need not have the size of the batch's images (aspect buckets), and their captions are used as they are.
+    """
+    loss = diffusion_batch_loss(method, models, batch.latents, captions, text_cache, generator, common, accelerator)
+    if class_batch is None:
+        return loss, None
+    class_loss = diffusion_batch_loss(
+        method, models, class_batch.latents, class_batch.captions, text_cache, generator, common, accelerator
+    )
+    return loss + class_loss_weight * class_loss, class_loss
+
+
+def diffusion_batch_loss(
+    method: TrainingMethod,
+    models: Models,
+    latents: torch.Tensor,
+    captions: list[str],
+    text_cache: TextCache | None,
+    generator: torch.Generator,
+    common,
+    accelerator,
 ) -> torch.Tensor:
-    """The diffusion loss of one micro-batch: noise the latents at random timesteps, predict, compare."""
+    """The diffusion loss of a batch of latents: noise them at random timesteps, predict, compare."""
     device = accelerator.device
-    latents = batch.latents.to(device)
+    latents = latents.to(device)
     noise = sample_noise(latents.shape, generator, common.noise_offset).to(device)
     low, high = timestep_range(common, models.noise_scheduler)
     timesteps = sample_timesteps(len(latents), low, high, generator).to(device)

@@ -4,14 +4,19 @@ A method subclasses `TrainingMethod` and says:
 
 - `setup(models)`: how it changes the base models (new tokens, adapters) and which parameters train
   (the core has already frozen everything; `setup` turns on `requires_grad` where it trains);
-- `trainable_parameters()`: what the optimizer updates;
+- `trainable_parameters()`: what the optimizer updates (`parameter_groups()`: in groups with their own learning
+  rates, when one rate does not fit all);
 - `trained_models`: which `Models` attributes hold those parameters (the core prepares them with accelerate
   for mixed precision and multi-GPU, and checkpoints them);
 - `caption(text)`: how a caption (or sample prompt) is rewritten for it (e.g. the trigger word becomes a token);
+  `caption_ops(common_ops)`: the caption operations (dropout, shuffles) it trains with, when not `train.common`'s;
 - `encode_text(models, captions)` / `predict(models, ...)`: how a batch's conditioning is built and the UNet
   called, when the defaults (CLIP text encoder hidden states; a plain UNet call) do not fit;
 - `after_optimizer_step(models)`: anything to restore after an update;
-- `save(models, folder, step)`: its final files, in the formats the ecosystem loads.
+- `save(models, folder, step)`: its final files, in the formats the ecosystem loads;
+- `ema_decay`: for methods that train model weights, an exponential moving average of them, saved instead of the
+  last weights (None: none);
+- `prior_preservation()`: class images to train beside its own (DreamBooth), with the weight of their loss.
 
 The core (`sdpipe.training.loop.run_training`) does everything else: data, noise, loss, optimizer, schedule,
 mixed precision, checkpoints and resume, samples, metrics.
@@ -24,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import MethodParams
+from sdpipe.training.data import PriorPreservation
 
 
 @dataclass
@@ -63,8 +70,27 @@ class TrainingMethod:
     def setup(self, models: Models) -> None:
         """Changes the (frozen, CPU, fp32) base models before training and turns on `requires_grad` where it trains."""
 
+    @property
+    def ema_decay(self) -> float | None:
+        """Keep an exponential moving average of the trained parameters with this decay (`sdpipe.training.ema`) and
+        save it instead of the last weights; None: no average."""
+        return None
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         raise NotImplementedError
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (`{"params": [...], "lr": ...}`; a group without `lr` trains at
+        `learning_rate`); by default one group of `trainable_parameters()`."""
+        return [{"params": self.trainable_parameters()}]
+
+    def prior_preservation(self) -> PriorPreservation | None:
+        """Class images to train beside the method's own images, and the weight of their loss; None: none."""
+        return None
+
+    def caption_ops(self, common_ops: CaptionOps) -> CaptionOps:
+        """The caption operations applied to the dataset captions before `caption`: `train.common.caption_ops`."""
+        return common_ops
 
     def caption(self, caption: str) -> str:
         """The caption this method trains on (and the sample prompt it samples) for a dataset caption."""

@@ -1,0 +1,378 @@
+"""ONNX export of a Stable Diffusion pipeline, with a parity check against the PyTorch modules.
+
+The folder is the layout diffusers' `OnnxStableDiffusionPipeline` loads (and `OnnxStableDiffusion` runs):
+
+    model_index.json
+    text_encoder/model.onnx  input_ids [batch, sequence] int32 -> last_hidden_state, pooler_output
+    unet/model.onnx          sample [batch, C, h, w], timestep [1 or batch] float32,
+                             encoder_hidden_states [batch, sequence, D] -> out_sample
+    vae_encoder/model.onnx   sample [batch, 3, H, W] in [-1, 1] -> latent_sample (posterior mean, unscaled)
+    vae_decoder/model.onnx   latent_sample (unscaled) -> sample [batch, 3, H, W] in [-1, 1]
+    <component>/config.json  the PyTorch module's config (latent size, the VAE's scaling factor)
+    tokenizer/, scheduler/
+    parity.json              the measured errors
+
+Batch, sequence, height and width are dynamic axes. A component whose weights pass protobuf's 2 GB limit
+keeps them in one `weights.pb` beside its `model.onnx`.
+
+The parity check runs each exported component in onnxruntime and its module in PyTorch (fp32, CPU) on random
+inputs of two shapes (the export shape with batch 2, and batch 1 at twice the width, which exercises the
+dynamic axes), then one end-to-end generation of each with the same seed. Out of tolerance, nothing is
+written.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from sdpipe.config.export import ExportParams
+from sdpipe.errors import SdpipeError
+from sdpipe.export.onnx_pipeline import OnnxStableDiffusion, execution_providers, inference_session
+from sdpipe.export.ort_optimizer import convert_to_fp16, optimize_for_cuda
+from sdpipe.io import atomic_path
+from sdpipe.progress import log
+
+EXTERNAL_DATA_FILE = "weights.pb"  # the name diffusers' ONNX conversion used
+PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GB less room for the graph itself
+# Parity inputs: (batch, width factor, timesteps). The first is how pipelines call the UNet (one timestep for a
+# batch of two, the guidance pair); the second checks the dynamic axes at a new batch size and width.
+PARITY_CASES = ((2, 1, 1), (1, 2, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What each component's graph computes
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        last_hidden_state, pooler_output = self.text_encoder(input_ids, return_dict=False)[:2]
+        return last_hidden_state, pooler_output
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeEncoderGraph(nn.Module):
+    """The posterior mean: deterministic, where diffusers' old converter drew a sample inside the graph."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample).latent_dist.mode()
+
+
+class VaeDecoderGraph(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A component's graph: its module, input and output names, and which axes of each are dynamic."""
+
+    module: nn.Module
+    inputs: dict[str, dict[int, str]]
+    outputs: dict[str, dict[int, str]]
+
+
+def graph_specs(pipe) -> dict[str, GraphSpec]:
+    image_axes = {0: "batch", 2: "height", 3: "width"}
+    return {
+        "text_encoder": GraphSpec(
+            TextEncoderGraph(pipe.text_encoder),
+            {"input_ids": {0: "batch", 1: "sequence"}},
+            {"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"}},
+        ),
+        "unet": GraphSpec(
+            UNetGraph(pipe.unet),
+            {
+                "sample": image_axes,
+                "timestep": {0: "timestep_batch"},
+                "encoder_hidden_states": {0: "batch", 1: "sequence"},
+            },
+            {"out_sample": image_axes},
+        ),
+        "vae_encoder": GraphSpec(VaeEncoderGraph(pipe.vae), {"sample": image_axes}, {"latent_sample": image_axes}),
+        "vae_decoder": GraphSpec(VaeDecoderGraph(pipe.vae), {"latent_sample": image_axes}, {"sample": image_axes}),
+    }
+
+
+def example_inputs(
+    pipe, component: str, generator: torch.Generator, batch: int = 2, width_factor: int = 1, timesteps: int = 2
+) -> dict:
+    """Random inputs of the export shape (`width_factor` 1) or wider, as torch tensors by input name; the UNet gets
+    `timesteps` timesteps (1, or one per batch item)."""
+    unet, vae = pipe.unet.config, pipe.vae.config
+    latent = unet.sample_size
+    latent_shape = (batch, unet.in_channels, latent, latent * width_factor)
+    scale = 2 ** (len(vae.block_out_channels) - 1)
+    sequence = pipe.tokenizer.model_max_length
+    if component == "text_encoder":
+        vocab = pipe.text_encoder.config.vocab_size
+        return {"input_ids": torch.randint(0, vocab, (batch, sequence), generator=generator, dtype=torch.int32)}
+    if component == "unet":
+        return {
+            "sample": torch.randn(latent_shape, generator=generator),
+            "timestep": torch.randint(0, 1000, (timesteps,), generator=generator).float(),
+            "encoder_hidden_states": torch.randn(batch, sequence, unet.cross_attention_dim, generator=generator),
+        }
+    if component == "vae_encoder":
+        image_shape = (batch, vae.in_channels, latent * scale, latent * scale * width_factor)
+        return {"sample": torch.rand(image_shape, generator=generator) * 2 - 1}
+    latents = torch.randn(batch, vae.latent_channels, latent, latent * width_factor, generator=generator)
+    return {"latent_sample": latents / vae.scaling_factor}  # unscaled latents are about 1 / scaling_factor wide
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_onnx(pipe, out_dir: str | Path, settings: ExportParams, seed: int = 0, model: str = "") -> dict:
+    """Exports `pipe` (a diffusers `StableDiffusionPipeline`) to `out_dir` and returns the parity report.
+
+    Raises `SdpipeError` (and writes nothing) when a component or the end-to-end image is out of
+    `settings.tolerance`.
+    """
+    providers = execution_providers()
+    if settings.optimize and "CUDAExecutionProvider" not in providers:
+        raise SdpipeError(
+            "export.optimize is true: the fused graphs run only on onnxruntime's CUDAExecutionProvider, which this "
+            f"onnxruntime does not have (providers: {providers}); install onnxruntime-gpu on a CUDA machine or set "
+            "export.optimize: false"
+        )
+    if settings.exporter == "dynamo":
+        require_onnxscript()
+    if pipe.device.type != "cpu" or pipe.unet.dtype != torch.float32:
+        pipe = pipe.to("cpu", torch.float32)  # exported and checked in fp32 on the CPU; fp16 is a graph conversion
+    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+        module.eval()
+    tolerance = getattr(settings.tolerance, settings.precision)
+    report = {
+        "model": model,
+        "exporter": settings.exporter,
+        "opset": settings.opset,
+        "precision": settings.precision,
+        "optimize": settings.optimize,
+        "provider": providers[0],
+        "tolerance": tolerance,
+        "components": {},
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        scratch = tmp.parent / "raw"  # the torch exports before rewriting; atomic_path removes it with its temp folder
+        for component, spec in graph_specs(pipe).items():
+            log(f"export: {component}")
+            fused = export_component(pipe, component, spec, tmp / component, scratch, settings, seed)
+            result = check_component(pipe, component, spec, tmp / component / "model.onnx", providers, seed)
+            result["fused_operators"] = fused
+            report["components"][component] = result
+            if result["relative_error"] > tolerance:
+                raise SdpipeError(
+                    f"export: {component} is out of tolerance: relative error {result['relative_error']:.3g} > "
+                    f"export.tolerance.{settings.precision} = {tolerance:g} (max abs error "
+                    f"{result['max_abs_error']:.3g}); nothing was written"
+                )
+        write_pipeline_files(pipe, tmp)
+        if settings.check_steps:
+            report["generation"] = check_generation(pipe, tmp, settings, seed, providers)
+            difference = report["generation"]["mean_abs_pixel_diff"]
+            if difference > settings.tolerance.image:
+                raise SdpipeError(
+                    f"export: the onnxruntime image differs from the PyTorch one by {difference:.3g} (mean abs pixel "
+                    f"difference) > export.tolerance.image = {settings.tolerance.image:g}; nothing was written"
+                )
+        (tmp / "parity.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def export_component(
+    pipe, component: str, spec: GraphSpec, folder: Path, scratch: Path, settings: ExportParams, seed: int
+) -> dict:
+    """Writes `<folder>/model.onnx` (and `config.json`); returns the counts of fused operators (when optimized).
+
+    The torch export goes to `<scratch>/<component>/` first: the TorchScript exporter writes a model over 2 GB
+    as one file per tensor, which `save_onnx` gathers into one `weights.pb`."""
+    raw = scratch / component / "model.onnx"
+    raw.parent.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = example_inputs(pipe, component, generator)  # batch 2, so that the trace keeps the batch axis
+    torch_export(spec, inputs, raw, settings.exporter, settings.opset)
+    fused = {}
+    if settings.optimize:
+        model, fused = optimize_for_cuda(raw, component, fp16=settings.precision == "fp16")
+    else:
+        model = onnx.load(str(raw))
+        if settings.precision == "fp16":
+            model = convert_to_fp16(model)
+    folder.mkdir()
+    save_onnx(model, folder / "model.onnx", always_external=settings.external_data == "always")
+    module = pipe.text_encoder if component == "text_encoder" else pipe.unet if component == "unet" else pipe.vae
+    (folder / "config.json").write_text(json.dumps(config_dict(module), indent=2, sort_keys=True) + "\n")
+    return fused
+
+
+def torch_export(spec: GraphSpec, inputs: dict, path: Path, exporter: str, opset: int) -> None:
+    """`torch.onnx.export` with the chosen exporter; dynamic axes as in `spec`."""
+    dynamic_axes = {**spec.inputs, **spec.outputs}
+    with torch.no_grad(), warnings.catch_warnings():
+        # Known noise: the TorchScript exporter's deprecation notice and its tracer's notes on python branches
+        # (diffusers' shape checks), which the parity check's second shape covers.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*dynamic_axes.*")
+        warnings.filterwarnings("ignore", message=".*advanced indexing.*")  # CLIP's pooled output: no negative indices
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        torch.onnx.export(
+            spec.module,
+            tuple(inputs.values()),
+            str(path),
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=exporter == "dynamo",
+            **({"verbose": False, "external_data": True} if exporter == "dynamo" else {}),
+        )
+
+
+def require_onnxscript() -> None:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SdpipeError(
+            "export.exporter is 'dynamo', which needs the onnxscript package (pip install onnxscript); "
+            "or use export.exporter: torchscript"
+        ) from None
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, always_external: bool) -> None:
+    """Saves `model`, with its weights in one external `weights.pb` when asked or when over protobuf's limit."""
+    if always_external or initializer_bytes(model) > PROTOBUF_LIMIT:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.raw_data:
+            total += len(tensor.raw_data)
+        else:
+            total += 4 * (len(tensor.float_data) + len(tensor.int32_data))
+            total += 8 * (len(tensor.int64_data) + len(tensor.double_data))
+    return total
+
+
+def config_dict(module) -> dict:
+    """A module's config as plain JSON (a diffusers config, or a transformers config's dict), without the path it
+    was loaded from."""
+    config = module.config
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data.pop("_name_or_path", None)
+    return json.loads(json.dumps(data, default=str))
+
+
+def write_pipeline_files(pipe, folder: Path) -> None:
+    """`tokenizer/`, `scheduler/` and the `model_index.json` of diffusers' `OnnxStableDiffusionPipeline`."""
+    import diffusers
+
+    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    onnx_model = ["diffusers", "OnnxRuntimeModel"]
+    model_index = {
+        "_class_name": "OnnxStableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
+        "text_encoder": onnx_model,
+        "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
+        "unet": onnx_model,
+        "vae_decoder": onnx_model,
+        "vae_encoder": onnx_model,
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity
+
+
+@torch.no_grad()
+def check_component(pipe, component: str, spec: GraphSpec, path: Path, providers: list[str], seed: int) -> dict:
+    """Largest absolute and relative error of the exported component against its module, over two input shapes.
+
+    The relative error is the largest absolute difference over the largest absolute reference value.
+    """
+    session = inference_session(path, providers)
+    generator = torch.Generator().manual_seed(seed + 1)
+    max_abs, relative, shapes = 0.0, 0.0, []
+    for batch, width_factor, timesteps in PARITY_CASES:
+        inputs = example_inputs(pipe, component, generator, batch, width_factor, timesteps)
+        expected = spec.module(*inputs.values())
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
+        for reference, output in zip(expected, actual, strict=True):
+            reference = reference.float().numpy()
+            error = float(np.abs(output.astype(np.float32) - reference).max())
+            max_abs = max(max_abs, error)
+            relative = max(relative, error / max(float(np.abs(reference).max()), 1e-12))
+        shapes.append({name: list(tensor.shape) for name, tensor in inputs.items()})
+    return {"max_abs_error": max_abs, "relative_error": relative, "input_shapes": shapes}
+
+
+def check_generation(pipe, folder: Path, settings: ExportParams, seed: int, providers: list[str]) -> dict:
+    """One image from onnxruntime and one from the PyTorch pipeline, same prompt, seed and scheduler."""
+    log(f"export: end-to-end check, {settings.check_steps} steps")
+    onnx_image = OnnxStableDiffusion(folder, providers)(settings.check_prompt, seed=seed, steps=settings.check_steps)
+    torch_image = torch_generate(pipe, settings.check_prompt, seed=seed, steps=settings.check_steps)
+    difference = np.abs(onnx_image - torch_image)
+    return {
+        "prompt": settings.check_prompt,
+        "steps": settings.check_steps,
+        "seed": seed,
+        "mean_abs_pixel_diff": float(difference.mean()),
+        "max_abs_pixel_diff": float(difference.max()),
+    }
+
+
+@torch.no_grad()
+def torch_generate(pipe, prompt: str, seed: int, steps: int, guidance_scale: float = 7.5) -> np.ndarray:
+    """The PyTorch pipeline's image, [1, height, width, 3] in [0, 1], latents drawn like `OnnxStableDiffusion`'s."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images

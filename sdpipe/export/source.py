@@ -1,0 +1,65 @@
+"""Which model `export.model` names, loaded as a PyTorch `StableDiffusionPipeline` ready to export.
+
+- `base`: `base.base_model` (a diffusers folder, a single-file checkpoint or a hub id).
+- `train:<method>`: the trained model the way the `evaluate` stage samples it, through the method module's
+  `sampling_pipeline(params, model_dir, device)` (a full-weights method's diffusers folder, the base with a
+  textual-inversion embedding, a LoRA, ...). LoRA-style adapters are fused into the weights before the export,
+  so the graphs hold plain layers.
+- `merge:<recipe>`: the merged model under `<paths.merge>/<recipe>/model/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from sdpipe.errors import SdpipeError
+from sdpipe.models.loading import load_pipeline
+
+KEY = "export.model"
+
+
+def export_name(model: str) -> str:
+    """The folder name under `<paths.export>/onnx/`: `base`, `train-<method>` or `merge-<recipe>`."""
+    return model.replace(":", "-")
+
+
+def load_export_pipeline(params, model: str):
+    """The fp32 CPU pipeline of `model` (a value of `export.model`), adapters fused."""
+    cpu = torch.device("cpu")
+    base = params.base
+    if model == "base":
+        return load_pipeline(base.base_model, base.base_model_config, device=cpu)
+    kind, name = model.split(":", 1)
+    if kind == "merge":
+        folder = Path(params.paths.merge) / name / "model"
+        if not folder.exists():
+            raise SdpipeError(f"{KEY} is {model!r} but {folder} does not exist; run `dvc repro merge` first")
+        return load_pipeline(str(folder), base.base_model_config, device=cpu, key=KEY)
+    try:
+        module = importlib.import_module(f"sdpipe.methods.{name}")
+    except ModuleNotFoundError:
+        raise SdpipeError(
+            f"{KEY} is {model!r} but there is no training method {name!r} (sdpipe/methods/{name}.py)"
+        ) from None
+    if not hasattr(module, "sampling_pipeline"):
+        raise SdpipeError(
+            f"{KEY} is {model!r} but sdpipe.methods.{name} has no sampling_pipeline to load its model with"
+        )
+    model_dir = Path(params.paths.train) / name / "model"
+    if not model_dir.is_dir():
+        raise SdpipeError(f"{KEY} is {model!r} but {model_dir} does not exist; run `dvc repro train@{name}` first")
+    pipeline, _trigger = module.sampling_pipeline(params, model_dir, cpu)
+    fuse_adapters(pipeline)
+    return pipeline
+
+
+def fuse_adapters(pipeline) -> None:
+    """Merges LoRA-style (PEFT) adapters loaded with `load_lora_weights` or `add_adapter` into the base weights."""
+    adapters = pipeline.get_list_adapters() if hasattr(pipeline, "get_list_adapters") else {}
+    if any(adapters.values()):
+        components = [name for name, names in adapters.items() if names]
+        pipeline.fuse_lora(components=components)
+        pipeline.unload_lora_weights()

@@ -1,0 +1,279 @@
+"""Running one merge recipe into `<paths.merge>/<recipe>/`: `model/`, `model.safetensors` and `recipe.json`.
+
+    inputs = resolve_inputs(recipe, base_model=..., train_dir=...)
+    config = architecture_folder(recipe, inputs, base_model=..., base_model_config=...)
+    merge_recipe(recipe, inputs, config_folder=config, out_dir=..., seed=...)
+
+`merge_recipe` opens every input (`sdpipe.merge.sources`), checks that they have the same keys and shapes
+(the error names the first key that differs) and that the architecture folder fits them, then computes the
+merge key by key in fp32 (`sdpipe.merge.methods`), writing each merged tensor to the single file as soon as
+it is computed (`sdpipe.merge.output`). Peak memory is a few tensors, not a model. The diffusers folder is
+written from the single file, and `recipe.json` records the recipe and the sha256 of every input file. The
+recipe folder is written atomically: a failing recipe leaves no partial output and the old one, if any, as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdpipe.config.merge import TaskVectorInputs
+from sdpipe.errors import SdpipeError
+from sdpipe.io import atomic_path, write_json
+from sdpipe.merge import methods
+from sdpipe.merge.blocks import BlockWeight
+from sdpipe.merge.output import (
+    DTYPES_BY_NAME,
+    SafetensorsWriter,
+    check_fits,
+    diffusers_layout,
+    write_diffusers_folder,
+)
+from sdpipe.merge.sources import Checkpoint, model_path, open_checkpoint, resolve_source
+from sdpipe.models.loading import file_sha256
+from sdpipe.models.single_file import DTYPES, OPEN_CLIP_PREFIX, load_single_file_pipeline
+from sdpipe.progress import log, track
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    """One input of a recipe: its role (`a`, `base`, `models[1]`, ...), the source as written, and its path."""
+
+    role: str
+    source: str
+    path: Path
+
+
+def recipe_key(recipe) -> str:
+    return f"merge.recipes.{recipe.name}"
+
+
+def input_roles(recipe) -> list[tuple[str, str]]:
+    """(role, source) of each input of a recipe, in the recipe's order."""
+    inputs = recipe.inputs
+    if isinstance(inputs, TaskVectorInputs):
+        roles = [("base", inputs.base)] + [(f"models[{index}]", source) for index, source in enumerate(inputs.models)]
+        return roles + ([("target", inputs.target)] if inputs.target is not None else [])
+    return [(role, getattr(inputs, role)) for role in type(inputs).model_fields]
+
+
+def resolve_inputs(recipe, *, base_model: str, train_dir: str | Path) -> list[MergeInput]:
+    """The folder or file of each input (`base` is `base_model`, `train:<method>` is under `train_dir`)."""
+    return [
+        MergeInput(
+            role,
+            source,
+            resolve_source(
+                source, base_model=base_model, train_dir=train_dir, key=f"{recipe_key(recipe)}.inputs.{role}"
+            ),
+        )
+        for role, source in input_roles(recipe)
+    ]
+
+
+def architecture_folder(recipe, inputs: list[MergeInput], *, base_model: str, base_model_config: str | None) -> Path:
+    """The diffusers folder whose configs, tokenizer and scheduler the output gets: the recipe's `config`, else the
+    first input that is a diffusers folder, else the base model's folder (or `base.base_model_config`)."""
+    if recipe.config is not None:
+        folder = Path(recipe.config).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise SdpipeError(
+                f"{recipe_key(recipe)}.config {recipe.config!r}: expected a local diffusers folder (model_index.json)"
+            )
+        return folder
+    for item in inputs:
+        if item.path.is_dir():
+            return item.path
+    base = model_path(base_model, "base.base_model")
+    if base.is_dir():
+        return base
+    if base_model_config is not None:
+        return Path(base_model_config).expanduser()
+    raise SdpipeError(
+        f"{recipe_key(recipe)}: every input is a single file and so is base.base_model, so nothing describes the "
+        f"architecture of the diffusers folder to write; set {recipe_key(recipe)}.config to a local diffusers folder"
+    )
+
+
+def merge_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_dir: Path, seed: int) -> Path:
+    """Merges `inputs` by `recipe` into `out_dir` (`model/`, `model.safetensors`, `recipe.json`); returns it.
+
+    `config_folder` is the architecture's diffusers folder (`architecture_folder`); `seed` is used by DARE when
+    the recipe has no seed of its own.
+    """
+    key = recipe_key(recipe)
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as stack:
+        checkpoints = {
+            item.role: stack.enter_context(open_checkpoint(item.path, f"{key}.inputs.{item.role}")) for item in inputs
+        }
+        check_same_architecture(inputs, checkpoints, key)
+        first = checkpoints[inputs[0].role]
+        keys = sorted(first.tensors)
+        open_clip = any(name.startswith(OPEN_CLIP_PREFIX) for name in keys)
+        layout = None
+        if not open_clip:  # an SD 2.x text encoder: the diffusers folder is converted by diffusers instead
+            layout = diffusers_layout(config_folder, f"{key}.config")
+            check_fits(layout, {name: first.tensors[name].shape for name in keys}, config_folder, key)
+        merger = Merger(recipe, keys, seed)
+        merger.prepare(checkpoints, keys)
+
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            single_file = tmp / "model.safetensors"
+            write_merged_file(single_file, merger, checkpoints, first, keys, DTYPES[recipe.dtype])
+            if layout is None:
+                pipeline = load_single_file_pipeline(single_file, config_folder, torch_dtype=DTYPES[recipe.dtype])
+                pipeline.save_pretrained(tmp / "model")
+            else:
+                with open_checkpoint(single_file, key) as merged:
+                    write_diffusers_folder(merged, layout, config_folder, tmp / "model")
+            write_json(tmp / "recipe.json", recipe_record(recipe, inputs, checkpoints, config_folder, merger.seed))
+    log(f"merge: {recipe.name} -> {out_dir}")
+    return out_dir
+
+
+def check_same_architecture(inputs: list[MergeInput], checkpoints: dict[str, Checkpoint], key: str) -> None:
+    """Every input must have the first one's keys and shapes; the error names the first key that differs."""
+    first = inputs[0]
+    reference = checkpoints[first.role].tensors
+    for item in inputs[1:]:
+        other = checkpoints[item.role].tensors
+        for name in sorted(set(reference) | set(other)):
+            if name not in other or name not in reference:
+                has, lacks = (first, item) if name not in other else (item, first)
+                raise SdpipeError(
+                    f"{key}: the inputs have different architectures: {name!r} is in inputs.{has.role} "
+                    f"({has.source}: {has.path}) but not in inputs.{lacks.role} ({lacks.source}: {lacks.path})"
+                )
+            if reference[name].shape != other[name].shape:
+                raise SdpipeError(
+                    f"{key}: the inputs have different architectures: {name!r} is {list(reference[name].shape)} in "
+                    f"inputs.{first.role} ({first.source}: {first.path}) but {list(other[name].shape)} in "
+                    f"inputs.{item.role} ({item.source}: {item.path})"
+                )
+
+
+def write_merged_file(
+    path: Path,
+    merger: Merger,
+    checkpoints: dict[str, Checkpoint],
+    first: Checkpoint,
+    keys: list[str],
+    dtype: torch.dtype,
+) -> None:
+    """The original-layout single file, each tensor written as soon as it is merged. Floating-point tensors are
+    merged in fp32 and stored in `dtype`; any other tensor is copied from the first input."""
+    layout = {
+        name: (
+            first.tensors[name].shape,
+            dtype if first.tensors[name].is_float else DTYPES_BY_NAME[first.tensors[name].dtype],
+        )
+        for name in keys
+    }
+    recipe = json.dumps(merger.recipe.model_dump(mode="json"), sort_keys=True)
+    with SafetensorsWriter(path, layout, {"format": "pt", "sdpipe_merge_recipe": recipe}) as writer:
+        for name in track(writer.order, f"merge {merger.recipe.name}"):
+            if not first.tensors[name].is_float:
+                writer.write(name, first.read(name))
+                continue
+            tensors = {role: checkpoint.read(name).float() for role, checkpoint in checkpoints.items()}
+            writer.write(name, merger(name, tensors).to(dtype))
+
+
+class Merger:
+    """Merges one key's input tensors (fp32, by role) the way the recipe says."""
+
+    def __init__(self, recipe, keys: list[str], seed: int):
+        self.recipe = recipe
+        self.seed = getattr(recipe, "seed", None)
+        if self.seed is None:
+            self.seed = seed
+        self.weights: dict[str, BlockWeight] = {}
+        for name in ("alpha", "beta"):
+            if hasattr(recipe, name):
+                weight = BlockWeight(getattr(recipe, name), f"{recipe_key(recipe)}.{name}")
+                unused = weight.check_blocks(keys)
+                if unused:
+                    log(f"{recipe_key(recipe)}.{name}: the model has no {', '.join(unused)}; those weights go unused")
+                self.weights[name] = weight
+        self.similarities: dict[str, float] = {}
+        self.similarity_range = (0.0, 1.0)
+
+    def prepare(self, checkpoints: dict[str, Checkpoint], keys: list[str]) -> None:
+        """The first pass that cosine-adaptive merging needs: every tensor's similarity, and their range."""
+        if self.recipe.method != "cosine_adaptive":
+            return
+        a, b = checkpoints["a"], checkpoints["b"]
+        for name in track(keys, f"merge {self.recipe.name}: similarities"):
+            if a.tensors[name].is_float:
+                self.similarities[name] = methods.cosine_similarity(a.read(name).float(), b.read(name).float())
+        self.similarity_range = methods.similarity_range(list(self.similarities.values()))
+
+    def __call__(self, key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        recipe = self.recipe
+        alpha = self.weights["alpha"](key) if "alpha" in self.weights else None
+        beta = self.weights["beta"](key) if "beta" in self.weights else None
+        match recipe.method:
+            case "weighted_sum":
+                return methods.weighted_sum(tensors["a"], tensors["b"], alpha)
+            case "add_difference":
+                return methods.add_difference(tensors["a"], tensors["b"], tensors["c"], alpha)
+            case "triple_sum":
+                return methods.triple_sum(tensors["a"], tensors["b"], tensors["c"], alpha, beta)
+            case "sum_twice":
+                return methods.sum_twice(tensors["a"], tensors["b"], tensors["c"], alpha, beta)
+            case "slerp":
+                return methods.slerp(tensors["a"], tensors["b"], alpha)
+            case "cosine_adaptive":
+                low, high = self.similarity_range
+                return methods.cosine_adaptive(tensors["a"], tensors["b"], alpha, self.similarities[key], low, high)
+            case "ties":
+                models = self.models(tensors)
+                weights = recipe.weights or [1.0] * len(models)
+                return methods.ties(
+                    tensors["base"], models, weights, recipe.density, recipe.scale, tensors.get("target")
+                )
+            case "dare":
+                models = self.models(tensors)
+                weights = recipe.weights or [1.0] * len(models)
+                generator = methods.key_generator(self.seed, key)
+                return methods.dare(
+                    tensors["base"], models, weights, recipe.drop_rate, generator, tensors.get("target")
+                )
+        raise AssertionError(f"no merge for method {recipe.method!r}")
+
+    def models(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[f"models[{index}]"] for index in range(len(self.recipe.inputs.models))]
+
+
+def recipe_record(
+    recipe, inputs: list[MergeInput], checkpoints: dict[str, Checkpoint], config_folder: Path, seed: int
+) -> dict:
+    """What `recipe.json` holds: the recipe, each input's path and the sha256 of each file read from it."""
+    record = {
+        "name": recipe.name,
+        "recipe": recipe.model_dump(mode="json"),
+        "inputs": [
+            {
+                "role": item.role,
+                "source": item.source,
+                "path": item.path.as_posix(),
+                "sha256": {
+                    (file.relative_to(item.path).as_posix() if item.path.is_dir() else file.name): file_sha256(
+                        file
+                    ).hex()
+                    for file in checkpoints[item.role].files
+                },
+            }
+            for item in inputs
+        ],
+        "config": config_folder.as_posix(),
+    }
+    if recipe.method == "dare":
+        record["seed"] = seed
+    return record

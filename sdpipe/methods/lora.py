@@ -1,0 +1,310 @@
+"""LoRA (Hu et al. 2021) and its LyCORIS relatives: train small adapters beside the frozen model weights.
+
+Every adapted layer keeps its weight W and learns an update ΔW with few parameters; the model computes with
+W + ΔW. How ΔW is made is the `algorithm` (through peft):
+
+- `lora`: ΔW = B·A × alpha / rank, A [rank, in] and B [out, rank], B starting at zero (kohya `networks.lora`);
+- `dora` (Liu et al. 2024): LoRA's direction plus a trained magnitude per output channel,
+  W' = m × (W + ΔW) / ‖W + ΔW‖;
+- `loha` (LyCORIS, after FedPara): the Hadamard product of two low-rank products, (B1·A1) ⊙ (B2·A2) — rank r²
+  from 2× LoRA's parameters;
+- `lokr` (LyCORIS): a Kronecker product w1 ⊗ w2 of two small matrices (w2 low-rank when the layer is wide).
+
+1. `setup` puts adapters on the UNet's attention projections (to_q, to_k, to_v, to_out.0 of every self- and
+   cross-attention); with `conv` also on its ResNet and down/upsampler convolutions (LoCon, at `conv_rank` and
+   `conv_alpha`); with `train_text_encoder` also on the CLIP text encoder's q/k/v/out_proj. Only the adapters
+   train.
+2. The training core (`sdpipe.training`) runs the diffusion loss on the captions as they are: the trigger word
+   of the captions (`sks`) becomes the concept because the adapted cross-attention learns what it means. The text
+   encoder's adapters train at their own rate (a second optimizer parameter group).
+3. `save` writes `lora.safetensors` in the kohya/A1111 layout (`sdpipe.formats.kohya`: `lora_unet_…`, `lora_te_…`,
+   `.alpha`; LyCORIS names for LoHa/LoKr/DoRA) with kohya's `ss_*` and the SAI `modelspec.*` metadata: A1111,
+   ComfyUI and kohya's tools load it as it is (`<lora:lora:1>`), diffusers reads plain LoRA
+   (`pipe.load_lora_weights(folder, weight_name="lora.safetensors")`). For `lora` and `dora` it also writes
+   `pytorch_lora_weights.safetensors` in diffusers' PEFT layout (`pipe.load_lora_weights(folder)`), the one
+   diffusers reads DoRA from (it drops kohya's `dora_scale`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from sdpipe.config.train import LoraParams
+from sdpipe.data.captions import load_captions, split_tags
+from sdpipe.errors import SdpipeError
+from sdpipe.formats.kohya import load_kohya_lora, merge_lora, peft_to_kohya, save_kohya_lora
+from sdpipe.io import save_safetensors
+from sdpipe.models.loading import load_pipeline, model_fingerprint, resolve_device, resolve_dtype
+from sdpipe.training import Models, TrainingMethod, run_training
+from sdpipe.training.loop import method_datasets
+
+LORA_FILE = "lora.safetensors"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+UNET_ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
+UNET_CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")
+TEXT_ENCODER_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
+MIXED_PRECISION = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}  # kohya's names
+DIFFUSERS_LOADABLE = ("lora", "dora")  # algorithms diffusers' load_lora_weights reads (DoRA from its own layout)
+
+
+def train(params, out_dir: Path) -> dict:
+    """The `train@lora` stage: trains the adapters and writes `<out_dir>/model/lora.safetensors` (and more)."""
+    lora = params.train.lora
+    datasets = method_datasets(params.base.datasets, lora.datasets, "train.lora")
+    method = Lora(lora, base_model=params.base.base_model, run_metadata=run_metadata(params, datasets))
+    return run_training(params, method, out_dir)
+
+
+def sampling_pipeline(params, model_dir: Path, device: torch.device):
+    """The base pipeline with the LoRA applied as a user would, and the trigger word of its prompts.
+
+    Plain LoRA is loaded with diffusers' `load_lora_weights` from the kohya file; DoRA from the diffusers-layout
+    file; LoHa and LoKr (which diffusers cannot read) are merged into the weights with `sdpipe.formats.kohya`.
+    """
+    pipeline = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
+    algorithm = params.train.lora.algorithm
+    if algorithm == "lora":
+        pipeline.load_lora_weights(str(model_dir), weight_name=LORA_FILE)
+    elif algorithm == "dora":
+        pipeline.load_lora_weights(str(model_dir), weight_name=DIFFUSERS_FILE)
+    else:
+        tensors, _ = load_kohya_lora(model_dir / LORA_FILE)
+        merge_lora(pipeline.unet, "unet", tensors)
+        merge_lora(pipeline.text_encoder, "text_encoder", tensors)
+    return pipeline, params.evaluate.trigger
+
+
+class Lora(TrainingMethod):
+    """Trains peft adapters on the UNet's attention (optionally its convs and the text encoder); saves a kohya LoRA."""
+
+    name = "lora"
+
+    def __init__(self, params: LoraParams, base_model: str, run_metadata: dict[str, str] | None = None):
+        super().__init__(params)
+        self.base_model = base_model
+        self.run_metadata = dict(run_metadata or {})
+        self.trained_models = ("unet", "text_encoder") if params.train_text_encoder else ("unet",)
+        self.configs: dict[str, object] = {}  # the peft config of each adapted model
+
+    def setup(self, models: Models) -> None:
+        """Injects the adapters; peft leaves only their weights trainable."""
+        from peft import inject_adapter_in_model
+
+        self.started_at = timestamp()
+        params = self.params
+        layers = {path: (params.rank, params.alpha) for path in unet_attention_layers(models.unet)}
+        if params.conv:
+            layers.update({path: (params.conv_rank, params.conv_alpha) for path in unet_conv_layers(models.unet)})
+        self.configs["unet"] = adapter_config(params, layers)
+        inject_adapter_in_model(self.configs["unet"], models.unet)
+        self.unet_parameters = [p for p in models.unet.parameters() if p.requires_grad]
+        self.text_encoder_parameters = []
+        if params.train_text_encoder:
+            layers = {path: (params.rank, params.alpha) for path in text_encoder_attention_layers(models.text_encoder)}
+            self.configs["text_encoder"] = adapter_config(params, layers)
+            inject_adapter_in_model(self.configs["text_encoder"], models.text_encoder)
+            self.text_encoder_parameters = [p for p in models.text_encoder.parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.unet_parameters + self.text_encoder_parameters
+
+    def parameter_groups(self) -> list[dict]:
+        groups = [{"params": self.unet_parameters}]
+        if self.text_encoder_parameters:
+            groups.append({"params": self.text_encoder_parameters, "lr": self.params.text_encoder_learning_rate})
+        return groups
+
+    def save(self, models: Models, folder: Path, step: int) -> None:
+        tensors = peft_to_kohya(models.unet, "unet")
+        if self.params.train_text_encoder:
+            tensors.update(peft_to_kohya(models.text_encoder, "text_encoder"))
+        save_kohya_lora(tensors, folder / LORA_FILE, self.metadata(models, step))
+        if self.params.algorithm in DIFFUSERS_LOADABLE:
+            self.save_diffusers_layout(models, folder)
+
+    def metadata(self, models: Models, step: int) -> dict[str, str]:
+        """kohya's `ss_*` and the SAI model spec's `modelspec.*` keys of the file."""
+        params = self.params
+        v2 = models.text_encoder.config.hidden_size == 1024  # SD 2's OpenCLIP ViT-H; SD 1's CLIP ViT-L is 768
+        v_prediction = models.noise_scheduler.config.prediction_type == "v_prediction"
+        finished_at = timestamp()
+        metadata = {
+            **self.run_metadata,
+            "ss_output_name": Path(LORA_FILE).stem,
+            "ss_network_module": "networks.lora" if params.algorithm == "lora" else "lycoris.kohya",
+            "ss_network_dim": str(params.rank),
+            "ss_network_alpha": str(float(params.alpha)),
+            "ss_network_dropout": str(float(params.dropout)),
+            "ss_network_args": json.dumps(network_args(params)),
+            "ss_learning_rate": str(params.learning_rate),
+            "ss_unet_lr": str(params.learning_rate),
+            "ss_text_encoder_lr": str(params.text_encoder_learning_rate if params.train_text_encoder else 0.0),
+            "ss_network_train_unet_only": str(not params.train_text_encoder),
+            "ss_max_train_steps": str(params.max_steps),
+            "ss_steps": str(step),
+            "ss_base_model_version": ("sd_v2_768_v" if v_prediction else "sd_v2") if v2 else "sd_v1",
+            "ss_v2": str(v2),
+            "ss_v_parameterization": str(v_prediction),
+            "ss_sd_model_name": Path(self.base_model).name,
+            "ss_sd_model_hash": base_model_hash(self.base_model),
+            "ss_training_started_at": str(self.started_at),
+            "ss_training_finished_at": str(finished_at),
+        }
+        architecture = "stable-diffusion-v1"
+        if v2:
+            architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+        metadata.update(
+            {
+                "modelspec.sai_model_spec": "1.0.0",
+                "modelspec.architecture": f"{architecture}/lora",
+                "modelspec.implementation": "diffusers",
+                "modelspec.title": f"{params.algorithm} of {Path(self.base_model).name}",
+                "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at), datetime.UTC).isoformat(),
+                "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+            }
+        )
+        return metadata
+
+    def save_diffusers_layout(self, models: Models, folder: Path) -> None:
+        """`pytorch_lora_weights.safetensors`: diffusers' layout (peft keys, the peft configs as metadata)."""
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {"unet_lora_layers": get_peft_model_state_dict(models.unet)}
+        configs = {"unet_lora_adapter_metadata": self.configs["unet"].to_dict()}
+        if "text_encoder" in self.configs:
+            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(models.text_encoder)
+            configs["text_encoder_lora_adapter_metadata"] = self.configs["text_encoder"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(folder, weight_name=DIFFUSERS_FILE, **layers, **configs)
+        # Written again with a sorted header: diffusers' file bytes change from one process to the next.
+        tensors, metadata = load_kohya_lora(folder / DIFFUSERS_FILE)
+        save_safetensors(tensors, folder / DIFFUSERS_FILE, metadata)
+
+
+def unet_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Module paths of the UNet's attention projections (to_q, to_k, to_v, to_out.0 of attn1 and attn2)."""
+    return [
+        path
+        for path, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and path.endswith(UNET_ATTENTION)
+    ]
+
+
+def unet_conv_layers(unet: torch.nn.Module) -> list[str]:
+    """Module paths of the convolutions in the UNet's ResNet blocks and down/upsamplers (what LoCon adds)."""
+    return [
+        path
+        for path, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and any(block in path for block in UNET_CONV_BLOCKS)
+    ]
+
+
+def text_encoder_attention_layers(text_encoder: torch.nn.Module) -> list[str]:
+    """Module paths of the CLIP text encoder's attention projections (q/k/v/out_proj of every layer)."""
+    return [
+        path
+        for path, module in text_encoder.named_modules()
+        if isinstance(module, torch.nn.Linear) and path.endswith(TEXT_ENCODER_ATTENTION)
+    ]
+
+
+def adapter_config(params: LoraParams, layers: dict[str, tuple[int, float]]):
+    """The peft config of `params.algorithm` for `layers` ({module path: (rank, alpha)})."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if not layers:
+        raise SdpipeError("train.lora: base.base_model has no layers to put adapters on (not Stable Diffusion?)")
+    targets = sorted(layers)
+    # Layers whose rank or alpha differ from the common ones (LoCon's convs), by escaped full path.
+    rank_pattern = {re.escape(path): rank for path, (rank, _) in layers.items() if rank != params.rank}
+    alpha_pattern = {re.escape(path): alpha for path, (_, alpha) in layers.items() if alpha != params.alpha}
+    common = dict(r=params.rank, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if params.algorithm in ("lora", "dora"):
+        return LoraConfig(
+            lora_alpha=params.alpha, lora_dropout=params.dropout, use_dora=params.algorithm == "dora", **common
+        )
+    config_class = LoHaConfig if params.algorithm == "loha" else LoKrConfig
+    return config_class(alpha=params.alpha, rank_dropout=params.dropout, **common)
+
+
+def network_args(params: LoraParams) -> dict[str, str]:
+    """kohya's `network_args` (strings, as its command line gives them) that rebuild this network."""
+    args: dict[str, str] = {}
+    if params.algorithm != "lora":
+        args["algo"] = "lora" if params.algorithm == "dora" else params.algorithm
+        if params.algorithm == "dora":
+            args.update({"dora_wd": "True", "wd_on_output": "True"})
+    if params.conv:
+        args.update({"conv_dim": str(params.conv_rank), "conv_alpha": str(float(params.conv_alpha))})
+    return args
+
+
+def run_metadata(params, datasets: list[str]) -> dict[str, str]:
+    """The `ss_*` keys that describe the training run and its data (known before training)."""
+    common, lora = params.train.common, params.train.lora
+    tag_frequency: dict[str, dict[str, int]] = {}
+    dataset_dirs = {}
+    images = 0
+    for name in datasets:
+        rows = load_captions(Path(params.paths.captions) / f"{name}.jsonl")
+        counts = Counter(tag for row in rows for tag in split_tags(row["caption"] or ""))
+        tag_frequency[name] = dict(sorted(counts.items()))
+        dataset_dirs[name] = {"n_repeats": 1, "img_count": len(rows)}
+        images += len(rows)
+    total_batch = common.batch_size * common.gradient_accumulation_steps
+    epochs = math.ceil(lora.max_steps * total_batch / images) if images else 0
+    ops = common.caption_ops
+    precision = resolve_dtype(params.base.precision, resolve_device(params.base.device))
+    return {
+        "ss_training_comment": "trained with sdpipe (train@lora)",
+        "ss_num_train_images": str(images),
+        "ss_num_reg_images": "0",
+        "ss_num_epochs": str(epochs),
+        "ss_epoch": str(epochs),
+        "ss_batch_size_per_device": str(common.batch_size),
+        "ss_total_batch_size": str(total_batch),
+        "ss_gradient_accumulation_steps": str(common.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(common.gradient_checkpointing),
+        "ss_lr_scheduler": common.lr_scheduler,
+        "ss_lr_warmup_steps": str(common.lr_warmup_steps),
+        "ss_optimizer": "AdamW",
+        "ss_max_grad_norm": str(common.max_grad_norm or 0.0),
+        "ss_min_snr_gamma": str(common.snr_gamma),
+        "ss_noise_offset": str(common.noise_offset),
+        "ss_caption_dropout_rate": str(ops.caption_dropout),
+        "ss_caption_tag_dropout_rate": str(ops.tag_dropout),
+        "ss_shuffle_caption": str(ops.shuffle_tags),
+        "ss_keep_tokens": str(ops.keep_tokens),
+        "ss_flip_aug": str(common.flip),
+        "ss_cache_latents": "True",
+        "ss_mixed_precision": MIXED_PRECISION[precision],
+        "ss_seed": str(params.base.seed),
+        "ss_resolution": str((params.base.resolution, params.base.resolution)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "modelspec.resolution": f"{params.base.resolution}x{params.base.resolution}",
+        "modelspec.trigger_phrase": params.evaluate.trigger,
+    }
+
+
+def timestamp() -> float:
+    """Now, in seconds since the epoch; `SOURCE_DATE_EPOCH` when set (reproducible builds: the same file bytes)."""
+    fixed = os.environ.get("SOURCE_DATE_EPOCH")
+    return float(fixed) if fixed else round(time.time(), 3)
+
+
+def base_model_hash(base_model: str) -> str:
+    """The base model's fingerprint (`sdpipe.models.loading.model_fingerprint`), for `ss_sd_model_hash`."""
+    try:
+        return model_fingerprint(base_model)
+    except SdpipeError:
+        return ""

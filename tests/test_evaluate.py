@@ -1,0 +1,139 @@
+"""The evaluate stage: the scoreboard's figures against an independent re-computation on a few images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPConfig, CLIPModel
+
+from sdpipe.config import parse_params
+from sdpipe.encode import save_safetensors
+from sdpipe.errors import SdpipeError
+from sdpipe.evaluate import evaluate_models, kernel_inception_distance, write_summary
+from sdpipe.io import write_jsonl
+from sdpipe.tinyworld import oracle, world
+from sdpipe.tinyworld.datasets import star_scenes
+
+SEEDS = 2
+STEPS = 2
+
+
+def test_kid_matches_a_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 5, generator=generator), torch.randn(9, 5, generator=generator) + 0.5
+
+    def k(a, b):
+        return (float(np.dot(a, b)) / 5 + 1) ** 3
+
+    xs, ys = x.double().numpy(), y.double().numpy()
+    same_x = sum(k(xs[i], xs[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    same_y = sum(k(ys[i], ys[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8)
+    cross = sum(k(a, b) for a in xs for b in ys) / (7 * 9)
+    assert kernel_inception_distance(x, y) == pytest.approx(same_x + same_y - 2 * cross, rel=1e-9)
+    assert abs(kernel_inception_distance(x, x[torch.randperm(7)])) < kernel_inception_distance(x, y)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_sd_dir, write_star_dataset):
+    """Prepared star images, star_val latents and captions, a random CLIP, and a textual-inversion embedding."""
+    root = tmp_path_factory.mktemp("eval")
+    prepared = root / "prepared" / "star"
+    (prepared / "images").mkdir(parents=True)
+    rows = []
+    for index, scene in enumerate(star_scenes(count=4)):
+        world.render(scene).save(prepared / "images" / f"star_{index}.png")
+        rows.append({"id": f"star_{index}", "file": f"images/star_{index}.png", "width": 32, "height": 32})
+    write_jsonl(prepared / "manifest.jsonl", rows)
+
+    val = root / "val"
+    write_star_dataset(val, count=3)
+    (root / "latents").mkdir()
+    (val / "latents" / "star.safetensors").rename(root / "latents" / "star_val.safetensors")
+    (root / "captions").mkdir()
+    (val / "captions" / "star.jsonl").rename(root / "captions" / "star_val.jsonl")
+
+    config = CLIPConfig(
+        text_config={"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 64, "max_position_embeddings": 32},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(root / "clip")
+
+    embedding = root / "train" / "textual_inversion" / "model"
+    embedding.mkdir(parents=True)
+    save_safetensors({"emb_params": torch.randn(1, 64, generator=torch.Generator().manual_seed(1))},
+                     embedding / "embedding.safetensors")
+    return root
+
+
+def eval_params(root, tiny_sd_dir, **evaluate):
+    return parse_params(
+        {
+            "paths": {key: f"{root}/{key}" for key in ("prepared", "captions", "latents", "train", "merge", "eval")},
+            "base": {"base_model": str(tiny_sd_dir), "datasets": ["star", "star_val"], "device": "cpu"},
+            "train": {"methods": ["textual_inversion"]},
+            "evaluate": {"seeds_per_prompt": SEEDS, "steps": STEPS, "clip_model": f"{root}/clip", **evaluate},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def summary(project, tiny_sd_dir):
+    params = eval_params(project, tiny_sd_dir)
+    rows = evaluate_models(params, torch.device("cpu"))
+    write_summary(rows, project / "eval")
+    return rows
+
+
+def test_every_model_is_a_row_with_its_files(summary, project):
+    assert list(summary) == ["base", "textual_inversion"]
+    on_disk = json.loads((project / "eval" / "summary.json").read_text())
+    assert on_disk == summary
+    table = (project / "eval" / "summary.md").read_text()
+    assert "| base |" in table and "| textual_inversion |" in table
+    for name, metrics in summary.items():
+        assert json.loads((project / "eval" / name / "metrics.json").read_text()) == metrics
+        assert (project / "eval" / "grids" / f"{name}.png").is_file()
+        assert metrics["images"] == (len(world.PRETRAIN_SHAPES) + 1) * len(world.COLORS) * SEEDS
+        assert set(metrics) >= {"fidelity", "editability", "prior_preservation", "clip_t", "clip_i", "kid",
+                                "validation_loss", "style"}
+    assert summary["base"]["prior_preservation"] == 1.0
+
+
+def test_the_figures_match_an_independent_recomputation(summary, tiny_sd_dir):
+    """Sample the same prompts and seeds with a plain diffusers pipeline and count with the oracle directly."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images_of(prompts):
+        out = []
+        for prompt in prompts:
+            for seed in range(SEEDS):
+                result = pipe(prompt, height=32, width=32, num_inference_steps=STEPS, guidance_scale=7.5,
+                              generator=torch.Generator().manual_seed(seed))
+                out.append(result.images[0])
+        return out
+
+    prior_prompts = [(color, shape) for shape in world.PRETRAIN_SHAPES for color in world.COLORS]
+    readings = [oracle.read(image) for image in images_of([f"a {c} {s}" for c, s in prior_prompts])]
+    expected = [pair for pair in prior_prompts for _ in range(SEEDS)]
+    color = np.mean([r.color == c for r, (c, _) in zip(readings, expected)])
+    joint = np.mean([(r.color, r.shape) == pair for r, pair in zip(readings, expected)])
+    assert summary["base"]["color_accuracy"] == pytest.approx(color)
+    assert summary["base"]["joint_accuracy"] == pytest.approx(joint)
+
+    concept = [oracle.read(image) for image in images_of([f"a {c} sks shape" for c in world.COLORS])]
+    assert summary["base"]["fidelity"] == pytest.approx(np.mean([r.shape == "star" for r in concept]))
+
+
+def test_a_validation_dataset_that_is_not_prepared_is_refused(project, tiny_sd_dir):
+    params = eval_params(project, tiny_sd_dir, validation_datasets=["nope"])
+    with pytest.raises(SdpipeError, match=r"evaluate.validation_datasets lists 'nope'"):
+        evaluate_models(params, torch.device("cpu"))

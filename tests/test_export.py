@@ -1,0 +1,248 @@
+"""ONNX export of the random tiny-world pipeline: the folder, parity, onnxruntime sampling, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from sdpipe.config import ParamsError, parse_params
+from sdpipe.config.export import ExportParams
+from sdpipe.errors import SdpipeError
+from sdpipe.export import onnx as onnx_export
+from sdpipe.export.onnx import export_onnx, torch_generate
+from sdpipe.export.onnx_pipeline import OnnxStableDiffusion, execution_providers
+from sdpipe.export.source import export_name, fuse_adapters, load_export_pipeline
+from sdpipe.models.loading import load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_dir):
+    return load_pipeline(str(tiny_sd_dir))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_sd_dir):
+    """What the `export` stage writes for the default settings (a 4-step end-to-end check); the export folder."""
+    root = tmp_path_factory.mktemp("export")
+    params = parse_params(
+        {
+            "paths": {"export": str(root / "export")},
+            "base": {"base_model": str(tiny_sd_dir), "device": "cpu"},
+            "export": {"check_steps": 4},
+        }
+    )
+    stage_module().main(params)
+    return root / "export"
+
+
+@pytest.fixture(scope="module")
+def runner(exported):
+    return OnnxStableDiffusion(exported / "onnx" / "base")
+
+
+def stage_module():
+    spec = importlib.util.spec_from_file_location("export_stage", REPO / "stages" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_params_defaults_and_bad_values():
+    settings = ExportParams()
+    assert settings.enabled and settings.model == "base" and settings.exporter == "torchscript"
+    with pytest.raises(ParamsError, match=r"export\.model: String should match pattern"):
+        parse_params({"export": {"model": "lora"}})
+    with pytest.raises(ParamsError, match="opset 17 is not available with the dynamo exporter; use 18 to 23"):
+        parse_params({"export": {"exporter": "dynamo"}})
+    with pytest.raises(ParamsError, match=r"export\.tolerance\.fp32: Input should be greater than 0"):
+        parse_params({"export": {"tolerance": {"fp32": 0}}})
+    assert [export_name(m) for m in ("base", "train:lora", "merge:mix")] == ["base", "train-lora", "merge-mix"]
+
+
+def test_the_stage_writes_the_onnx_folder_with_dynamic_axes(exported):
+    folder = exported / "onnx" / "base"
+    for component in COMPONENTS:
+        assert (folder / component / "model.onnx").is_file()
+        assert json.loads((folder / component / "config.json").read_text())
+    assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "OnnxStableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "OnnxRuntimeModel"] and index["safety_checker"] == [None, None]
+
+    unet = onnx.load(str(folder / "unet" / "model.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input}
+    assert dims["sample"] == ["batch", 4, "height", "width"]
+    assert dims["encoder_hidden_states"] == ["batch", "sequence", 64]
+    assert not list(folder.glob("*/weights.pb"))  # small components keep their weights inside model.onnx
+
+
+def test_parity_is_recorded_and_within_tolerance(exported):
+    report = json.loads((exported / "onnx" / "base" / "parity.json").read_text())
+    assert json.loads((exported / "parity.json").read_text()) == report
+    assert set(report["components"]) == set(COMPONENTS)
+    for component, result in report["components"].items():
+        assert 0 < result["relative_error"] < report["tolerance"] == 1e-3, component
+        assert len(result["input_shapes"]) == 2  # the export shape and a wider one with another batch size
+    assert report["components"]["unet"]["input_shapes"][0]["timestep"] == [1]  # one timestep, batch of two
+    assert report["generation"]["steps"] == 4
+    assert report["generation"]["mean_abs_pixel_diff"] < 1e-4
+
+
+def test_diffusers_onnx_pipeline_loads_the_folder_offline_and_generates(exported, pipe, monkeypatch):
+    from diffusers import OnnxStableDiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(
+        exported / "onnx" / "base", provider="CPUExecutionProvider", provider_options={}, local_files_only=True
+    )
+    onnx_pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    # diffusers' ONNX pipeline assumes SD's 8x VAE: 64x64 gives the 8x8 latents of the tiny world's 32x32 images.
+    images = onnx_pipe("a green square", height=64, width=64, num_inference_steps=3, latents=latents.numpy()).images
+    assert images[0].size == (32, 32)
+
+    expected = torch_generate(pipe, "a green square", seed=5, steps=3)
+    difference = np.abs(np.asarray(images[0], dtype=np.float32) / 255 - expected[0])
+    assert difference.mean() < 2e-3  # only the 8-bit rounding of the diffusers image is left
+
+
+def test_onnxruntime_and_pytorch_give_the_same_image_for_a_seed(runner, pipe):
+    assert runner.providers == execution_providers()
+    onnx_image = runner("a blue circle", seed=3, steps=5)
+    torch_image = torch_generate(pipe, "a blue circle", seed=3, steps=5)
+    other_seed = runner("a blue circle", seed=4, steps=5)
+    assert onnx_image.shape == torch_image.shape == (1, 32, 32, 3)
+    assert np.abs(onnx_image - torch_image).mean() < 1e-4
+    assert np.abs(onnx_image - other_seed).mean() > 1e-2  # so the agreement above is not a coincidence
+
+
+def test_a_failed_parity_check_writes_nothing(pipe, tmp_path):
+    settings = ExportParams(tolerance={"fp32": 1e-12})
+    out_dir = tmp_path / "export" / "onnx" / "base"
+    with pytest.raises(SdpipeError, match=r"text_encoder is out of tolerance: .* > export\.tolerance\.fp32 = 1e-12"):
+        export_onnx(pipe, out_dir, settings)
+    assert list((tmp_path / "export" / "onnx").iterdir()) == []
+
+
+def test_an_fp16_component_stays_close_to_the_fp32_module(pipe, tmp_path):
+    settings = ExportParams(precision="fp16")
+    spec = onnx_export.graph_specs(pipe)["vae_decoder"]
+    onnx_export.export_component(pipe, "vae_decoder", spec, tmp_path / "vae_decoder", tmp_path / "scratch", settings, 0)
+    path = tmp_path / "vae_decoder" / "model.onnx"
+    model = onnx.load(str(path))
+    assert onnx.TensorProto.FLOAT16 in {init.data_type for init in model.graph.initializer}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 at the boundary
+    result = onnx_export.check_component(pipe, "vae_decoder", spec, path, ["CPUExecutionProvider"], 0)
+    assert 1e-5 < result["relative_error"] < settings.tolerance.fp16  # really fp16, and close enough
+
+
+def test_external_data_goes_to_one_weights_file(pipe, tmp_path):
+    settings = ExportParams(external_data="always")
+    spec = onnx_export.graph_specs(pipe)["vae_decoder"]
+    folder = tmp_path / "vae_decoder"
+    onnx_export.export_component(pipe, "vae_decoder", spec, folder, tmp_path / "scratch", settings, 0)
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.onnx", "weights.pb"]
+    assert (folder / "model.onnx").stat().st_size < 100_000 < (folder / "weights.pb").stat().st_size
+    result = onnx_export.check_component(pipe, "vae_decoder", spec, folder / "model.onnx", ["CPUExecutionProvider"], 0)
+    assert result["relative_error"] < 1e-3
+
+
+def test_cli_sample_writes_the_onnx_image_and_the_pytorch_one(exported, runner, tiny_sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdpipe.cli import app
+
+    out = tmp_path / "sample.png"
+    folder = str(exported / "onnx" / "base")
+    args = ["sample", "--onnx", folder, "--prompt", "a red square", "--seed", "7", "--steps", "3", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    image = np.asarray(Image.open(out))
+    assert image.shape == (32, 32, 3)
+    expected = runner("a red square", seed=7, steps=3)
+    assert np.array_equal(image, (expected[0] * 255).round().astype(np.uint8))
+
+    torch_out = tmp_path / "torch.png"
+    args = ["sample", "--model", str(tiny_sd_dir), "--prompt", "a red square", "--seed", "7", "--steps", "3"]
+    result = CliRunner().invoke(app, [*args, "--out", str(torch_out)])
+    assert result.exit_code == 0, result.output
+    torch_image = np.asarray(Image.open(torch_out)).astype(int)
+    assert np.abs(torch_image - image).max() <= 1  # the same image, up to 8-bit rounding
+
+    both = CliRunner().invoke(app, ["sample", "--prompt", "x"])
+    assert both.exit_code == 2 and "exactly one of --onnx" in both.output
+
+
+def test_disabled_export_writes_an_empty_folder(tmp_path):
+    params = parse_params({"paths": {"export": str(tmp_path / "export")}, "export": {"enabled": False}})
+    stage_module().main(params)
+    assert list((tmp_path / "export" / "onnx").iterdir()) == []
+    assert json.loads((tmp_path / "export" / "parity.json").read_text()) == {"enabled": False}
+
+
+def test_a_missing_trained_model_is_reported(tmp_path):
+    params = parse_params({"paths": {"train": str(tmp_path / "train")}, "export": {"model": "train:textual_inversion"}})
+    with pytest.raises(SdpipeError, match=r"export\.model is 'train:textual_inversion' but .* does not exist"):
+        load_export_pipeline(params, params.export.model)
+    params = parse_params({"export": {"model": "train:nosuchmethod"}})
+    with pytest.raises(SdpipeError, match="no training method 'nosuchmethod'"):
+        load_export_pipeline(params, params.export.model)
+
+
+def test_lora_adapters_are_fused_before_export(pipe):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    unet = copy.deepcopy(pipe.unet)
+    unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    with_lora = StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 32, 64))
+    with torch.no_grad():
+        before = unet(*inputs).sample
+        fuse_adapters(with_lora)
+        after = unet(*inputs).sample
+        base = pipe.unet(*inputs).sample
+    assert not any("lora" in name for name, _ in unet.named_modules())
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(before, base, atol=1e-3)  # the adapter did change the output
+
+
+def test_optimize_needs_the_cuda_provider(pipe, tmp_path):
+    if "CUDAExecutionProvider" in execution_providers():
+        pytest.skip("onnxruntime has CUDA here")
+    with pytest.raises(SdpipeError, match="export.optimize is true: the fused graphs run only on onnxruntime's CUDA"):
+        export_onnx(pipe, tmp_path / "out", ExportParams(optimize=True))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_optimized_fp16_export_on_cuda(pipe, tmp_path):
+    if "CUDAExecutionProvider" not in execution_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    report = export_onnx(pipe, tmp_path / "out", ExportParams(optimize=True, precision="fp16", check_steps=10))
+    assert report["provider"] == "CUDAExecutionProvider"
+    assert report["components"]["unet"]["fused_operators"].get("MultiHeadAttention", 0) > 0
+    assert report["generation"]["mean_abs_pixel_diff"] < 0.05

@@ -1,0 +1,198 @@
+"""LoRA / DoRA / LoHa / LoKr: short runs on the random tiny-world pipeline, their files, and loading them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sdpipe.config import ParamsError, parse_params
+from sdpipe.config.train import LoraParams
+from sdpipe.formats import kohya
+from sdpipe.methods import lora
+from sdpipe.methods.lora import Lora
+from sdpipe.models.loading import model_fingerprint
+from sdpipe.training import MODEL_DIR
+from sdpipe.training.loop import load_models
+
+STEPS = 3
+RUNS = {  # a few steps of each algorithm, covering LoCon and the text encoder
+    "lora": {"algorithm": "lora", "conv": True, "train_text_encoder": True},
+    "dora": {"algorithm": "dora"},
+    "loha": {"algorithm": "loha", "conv": True},
+    "lokr": {"algorithm": "lokr", "train_text_encoder": True},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_sd_dir, write_star_dataset):
+    """Trains each of `RUNS` for 3 steps; returns {run: (params, output folder)}."""
+    root = tmp_path_factory.mktemp("lora")
+    write_star_dataset(root)
+    results = {}
+    for run, settings in RUNS.items():
+        params = parse_params(
+            {
+                "paths": {"latents": f"{root}/latents", "captions": f"{root}/captions", "train": f"{root}/{run}"},
+                "base": {"base_model": str(tiny_sd_dir), "datasets": ["star"], "device": "cpu"},
+                "train": {
+                    "methods": ["lora"],
+                    "common": {"batch_size": 2, "checkpoint_every": 0, "sample_every": 0},
+                    "lora": {"max_steps": STEPS, "learning_rate": 0.01, **settings},
+                },
+            }
+        )
+        out_dir = root / run / "lora"
+        lora.train(params, out_dir)
+        results[run] = params, out_dir
+    return results
+
+
+def read(runs, run):
+    return kohya.load_kohya_lora(runs[run][1] / MODEL_DIR / lora.LORA_FILE)
+
+
+def parts(tensors) -> set[str]:
+    return {key.split(".", 1)[1] for key in tensors}
+
+
+def unet_output(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(["a blue sks shape"], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return pipe.unet(latents, 500, pipe.text_encoder(ids)[0]).sample
+
+
+def load_pipe(tiny_sd_dir) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def base_output(tiny_sd_dir) -> torch.Tensor:
+    return unet_output(load_pipe(tiny_sd_dir))
+
+
+def test_lora_writes_kohya_keys_with_locon_and_text_encoder_layers(runs):
+    tensors, _ = read(runs, "lora")
+    assert parts(tensors) == {"lora_down.weight", "lora_up.weight", "alpha"}
+    attention = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert tensors[f"{attention}.lora_down.weight"].shape == (8, 64)  # rank 8 on the 64-wide text states
+    assert tensors[f"{attention}.alpha"].item() == 8.0
+    assert tensors[f"{attention}.lora_up.weight"].abs().max() > 0  # trained: B starts at zero
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv}.lora_down.weight"].shape == (4, 64, 3, 3)  # LoCon: conv_rank 4
+    assert tensors[f"{conv}.alpha"].item() == 4.0
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in tensors
+    names = {key.split(".")[0] for key in tensors}
+    assert sum(name.startswith("lora_te_") for name in names) == 3 * 4  # q/k/v/out of 3 layers
+    attention = [name for name in names if name.endswith(("_to_q", "_to_k", "_to_v", "_to_out_0"))]
+    assert len(attention) == 7 * 2 * 4  # to_q/k/v/out of attn1 and attn2 in 7 transformer blocks
+
+
+def test_the_file_carries_kohya_and_modelspec_metadata(runs, tiny_sd_dir):
+    _, metadata = read(runs, "lora")
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_network_dim"] == "8" and metadata["ss_network_alpha"] == "8.0"
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4.0"}
+    assert metadata["ss_steps"] == metadata["ss_max_train_steps"] == str(STEPS)
+    assert metadata["ss_learning_rate"] == "0.01" and metadata["ss_text_encoder_lr"] == "0.0005"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["ss_sd_model_hash"] == model_fingerprint(str(tiny_sd_dir))
+    assert metadata["ss_num_train_images"] == "6" and metadata["ss_mixed_precision"] == "no"
+    frequency = {"a red sks shape": 2, "a blue sks shape": 2, "a green sks shape": 2}
+    assert json.loads(metadata["ss_tag_frequency"]) == {"star": frequency}
+    assert float(metadata["ss_training_started_at"]) <= float(metadata["ss_training_finished_at"])
+    assert metadata["modelspec.sai_model_spec"] == "1.0.0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.implementation"] == "diffusers"
+    assert metadata["modelspec.resolution"] == "32x32" and metadata["modelspec.date"].startswith("20")
+    assert metadata["modelspec.title"] == f"lora of {tiny_sd_dir.name}"
+
+
+def test_plain_lora_loads_in_diffusers_as_sdpipe_merges_it(runs, tiny_sd_dir, base_output):
+    params, out_dir = runs["lora"]
+    tensors, _ = read(runs, "lora")
+    pipe, trigger = lora.sampling_pipeline(params, out_dir / MODEL_DIR, torch.device("cpu"))  # load_lora_weights
+    assert trigger == "sks"
+    loaded = unet_output(pipe)
+    assert (loaded - base_output).abs().max() > 1e-4
+    merged = load_pipe(tiny_sd_dir)
+    kohya.merge_lora(merged.unet, "unet", tensors)
+    kohya.merge_lora(merged.text_encoder, "text_encoder", tensors)
+    torch.testing.assert_close(loaded, unet_output(merged), atol=1e-5, rtol=1e-5)
+    # The diffusers-layout file is the same adapter.
+    layout = load_pipe(tiny_sd_dir)
+    layout.load_lora_weights(str(out_dir / MODEL_DIR))
+    torch.testing.assert_close(unet_output(layout), loaded, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_writes_its_magnitudes_and_loads_in_diffusers_from_its_layout(runs, tiny_sd_dir):
+    params, out_dir = runs["dora"]
+    tensors, metadata = read(runs, "dora")
+    assert parts(tensors) == {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert tensors[f"{name}.dora_scale"].shape == (128, 1)  # per output channel (LyCORIS wd_on_output)
+    assert not any(key.startswith("lora_te_") for key in tensors)
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+    pipe, _ = lora.sampling_pipeline(params, out_dir / MODEL_DIR, torch.device("cpu"))
+    merged = load_pipe(tiny_sd_dir)
+    kohya.merge_lora(merged.unet, "unet", tensors)
+    torch.testing.assert_close(unet_output(pipe), unet_output(merged), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "run, expected_parts",
+    [
+        ("loha", {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}),
+        ("lokr", {"lokr_w1", "lokr_w2", "alpha"}),  # rank 8 on layers of 64 and 128: both factors full
+    ],
+)
+def test_loha_and_lokr_use_lycoris_names_and_apply_by_merging(runs, base_output, run, expected_parts):
+    params, out_dir = runs[run]
+    tensors, metadata = read(runs, run)
+    assert parts(tensors) == expected_parts
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"])["algo"] == run
+    assert not (out_dir / MODEL_DIR / lora.DIFFUSERS_FILE).exists()  # diffusers cannot read them
+    has_conv = any("_resnets_" in key for key in tensors)
+    has_text = any(key.startswith("lora_te_") for key in tensors)
+    assert (has_conv, has_text) == ((True, False) if run == "loha" else (False, True))
+    pipe, _ = lora.sampling_pipeline(params, out_dir / MODEL_DIR, torch.device("cpu"))
+    assert (unet_output(pipe) - base_output).abs().max() > 1e-5
+
+
+def test_only_adapters_train_and_the_text_encoder_has_its_own_rate(tiny_sd_dir):
+    params = parse_params({"base": {"base_model": str(tiny_sd_dir), "device": "cpu"}})
+    models = load_models(params.base, torch.device("cpu"))
+    settings = LoraParams(train_text_encoder=True, text_encoder_learning_rate=1e-4)
+    method = Lora(settings, base_model=str(tiny_sd_dir))
+    method.setup(models)
+    assert method.trained_models == ("unet", "text_encoder")
+    unet_group, text_group = method.parameter_groups()
+    assert "lr" not in unet_group and text_group["lr"] == 1e-4
+    trainable = [name for name, p in models.unet.named_parameters() if p.requires_grad]
+    assert len(trainable) == len(unet_group["params"]) == 7 * 2 * 4 * 2  # lora_A and lora_B of 56 projections
+    assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert len(text_group["params"]) == 3 * 4 * 2
+
+
+def test_lora_is_a_built_method_with_checked_params():
+    params = parse_params({"train": {"methods": ["lora"]}})
+    assert params.train.lora.algorithm == "lora" and params.train.lora.datasets == ["star"]
+    with pytest.raises(ParamsError, match="train.lora.algorithm"):
+        parse_params({"train": {"lora": {"algorithm": "oft"}}})
+    with pytest.raises(ParamsError, match="train.lora.dropout"):
+        parse_params({"train": {"lora": {"dropout": 1.0}}})
