@@ -29,6 +29,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from sdpipe.config.merge import LORA_FILE_METHODS
 from sdpipe.encode import load_latents, read_manifest
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, read_jsonl, write_json
@@ -70,8 +71,8 @@ def candidates(params, device: torch.device):
 
 
 def merge_recipe_names(params) -> list[str]:
-    recipes = params.merge.recipes
-    return list(recipes) if isinstance(recipes, dict) else [recipe.name for recipe in recipes]
+    """The merge recipes that write a model (`lora_extract` and `lora_resize` write a LoRA file: not scored here)."""
+    return [name for name, recipe in params.merge.recipes.items() if recipe.method not in LORA_FILE_METHODS]
 
 
 def evaluate_models(params, device: torch.device) -> dict[str, dict]:

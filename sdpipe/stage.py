@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from rich.markup import escape
+
 from sdpipe.config import Params, ParamsError, load_params
 from sdpipe.errors import SdpipeError
 from sdpipe.progress import log
@@ -16,5 +18,5 @@ def run_stage(name: str, body: Callable[[Params], None], params_path: str = "par
         params = load_params(params_path)
         body(params)
     except (ParamsError, SdpipeError) as error:
-        log(f"[bold red]{name} failed:[/] {error}")
+        log(f"[bold red]{name} failed:[/] {escape(str(error))}")  # the message may quote [brackets]
         sys.exit(1)

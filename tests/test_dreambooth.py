@@ -130,11 +130,12 @@ def test_the_outputs_load_in_diffusers(trained, tiny_sd_dir):
         image_encoder=None,
     )
     base = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
-    trained_unet, single_unet, base_unet = (p.unet.state_dict() for p in (pipe, single, base))
-    assert all(torch.equal(trained_unet[key], single_unet[key]) for key in trained_unet)
-    assert not torch.equal(trained_unet["conv_in.weight"], base_unet["conv_in.weight"])
-    # The text encoder did not train (train_text_encoder is off): it is the base's.
-    assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), base.text_encoder.parameters()))
+    for name, key in (("unet", "conv_in.weight"), ("text_encoder", "embeddings.token_embedding.weight")):
+        trained_weights, single_weights, base_weights = (getattr(p, name).state_dict() for p in (pipe, single, base))
+        assert trained_weights.keys() == single_weights.keys()
+        assert all(torch.equal(trained_weights[k], single_weights[k]) for k in trained_weights), name
+        assert not torch.equal(trained_weights[key], base_weights[key]), f"{name} did not train"  # both do by default
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.parameters(), base.vae.parameters()))
 
 
 def test_class_images_of_other_settings_are_refused(root, tiny_sd_dir, tmp_path):

@@ -106,7 +106,7 @@ def test_the_single_file_loads_with_the_folder_as_config(trained):
     assert_same_weights(state_dict(sampling.unet), state_dict(pipe.unet))
 
 
-def test_the_text_encoder_trains_only_when_asked_and_at_its_own_rate(trained, tiny_sd_dir):
+def test_what_trains_at_which_rate_and_the_caption_dropout(trained, tiny_sd_dir):
     params = trained.params
     models = load_models(params.base, torch.device("cpu"))
     method = Finetune(params.train.finetune, params.base)
@@ -116,6 +116,11 @@ def test_the_text_encoder_trains_only_when_asked_and_at_its_own_rate(trained, ti
     assert text_encoder_group["lr"] == 1e-4
     assert len(text_encoder_group["params"]) == len(list(models.text_encoder.parameters()))
     assert method.trained_models == ("unet", "text_encoder") and method.ema_decay == 0.999
+    # Its own caption dropout replaces train.common's (and only that): it trains the unconditional prediction.
+    common_ops = params.train.common.caption_ops.model_copy(update={"caption_dropout": 0.3, "keep_tokens": 1})
+    assert method.caption_ops(common_ops) == common_ops.model_copy(update={"caption_dropout": 0.1})
+    no_own = Finetune(params.train.finetune.model_copy(update={"caption_dropout": None}), params.base)
+    assert no_own.caption_ops(common_ops) == common_ops
 
     models = load_models(params.base, torch.device("cpu"))
     unet_only = Finetune(params.train.finetune.model_copy(update={"train_text_encoder": False}), params.base)

@@ -14,8 +14,9 @@ class BaseParams(Section):
     base_model_config: str | None = None
     """For a single-file checkpoint: a local diffusers folder (or its config files) describing its architecture."""
 
-    seed: int = Field(default=0, ge=0)
-    """Seed for every random choice in every stage; the same seed gives the same outputs."""
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    """Seed for every random choice in every stage (below 2**63: torch seeds are 64-bit); the same seed gives the
+    same outputs."""
 
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""

@@ -1,4 +1,4 @@
-"""`merge`: checkpoint merge recipes, each written to `<paths.merge>/<recipe>/`.
+"""`merge`: checkpoint merge and LoRA recipes, each written to `<paths.merge>/<recipe>/`.
 
 `merge.recipes` maps a recipe name to its recipe (a list of recipes with a `name` each is accepted too):
 
@@ -9,14 +9,30 @@
           inputs: {a: train:dreambooth, b: train:finetune}
           alpha: 0.5
           dtype: fp16
+        baked:                                  # a LoRA baked into a model
+          method: lora_bake
+          inputs: {model: base, loras: [train:lora]}
+          strength: 0.8
 
-An input is `base` (`base.base_model`), `train:<method>` (the whole-model checkpoint a training method wrote to
+The methods:
+
+- merges of whole models: `weighted_sum`, `add_difference`, `triple_sum`, `sum_twice`, `slerp`,
+  `cosine_adaptive`, `ties`, `dare`;
+- `lora_bake`: LoRAs (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, DoRA) added into a model's weights at a strength;
+- `lora_extract`: a kohya LoRA of a given rank from the difference of two models (SVD per layer);
+- `lora_resize`: a LoRA brought to another rank (SVD of each layer's update).
+
+The model-writing methods (all but `lora_extract` and `lora_resize`) write `model/` (a diffusers folder),
+`model.safetensors` (original layout) and `recipe.json`; `lora_extract` and `lora_resize` write `lora.safetensors`
+(kohya format) and `recipe.json`.
+
+A model input is `base` (`base.base_model`), `train:<method>` (the whole-model checkpoint a training method wrote to
 `<paths.train>/<method>/model/`: dreambooth, finetune) or the path of a diffusers folder or of an original-layout
-single-file `.safetensors` checkpoint (SD 1.x/2.x). Each method has its own inputs and parameters; `alpha` and
-`beta` are one number or per-block weights (`sdpipe.merge.blocks`: a list of 26 in supermerger's order BASE,
-IN00-IN11, M00, OUT00-OUT11, or a mapping of block ids with BASE), which makes any of those methods a
-block-weighted merge.
-"""
+single-file `.safetensors` checkpoint (SD 1.x/2.x). A LoRA input is `train:lora` (`<paths.train>/lora/model/
+lora.safetensors`) or the path of a kohya-format `.safetensors` LoRA. Each method has its own inputs and
+parameters; `alpha` and `beta` are one number or per-block weights (`sdpipe.merge.blocks`: a list of 26 in
+supermerger's order BASE, IN00-IN11, M00, OUT00-OUT11, or a mapping of block ids with BASE), which makes any of
+those methods a block-weighted merge."""
 
 from __future__ import annotations
 
@@ -44,6 +60,25 @@ def check_source(source: str) -> str:
 
 
 Source = Annotated[str, AfterValidator(check_source)]
+
+LORA_METHODS = ("lora",)
+"""Training methods whose output is a LoRA file (`train:<method>` as a LoRA input)."""
+
+
+def check_lora_source(source: str) -> str:
+    """A LoRA input: `train:lora` or the path of a `.safetensors` file (whose existence is checked when the
+    recipe runs)."""
+    if source.startswith(("train:", "train@")):
+        method = source[len("train:") :]
+        if method not in LORA_METHODS:
+            raise ValueError(f"{source!r} is not a LoRA; expected {' or '.join(f'train:{m}' for m in LORA_METHODS)}")
+        return source
+    if not source.strip().endswith(".safetensors"):
+        raise ValueError(f"expected `train:lora` or the path of a kohya-format .safetensors LoRA file, not {source!r}")
+    return source
+
+
+LoraSource = Annotated[str, AfterValidator(check_lora_source)]
 
 
 class PairInputs(Section):
@@ -186,6 +221,75 @@ class DareRecipe(RecipeCommon):
         return self
 
 
+class LoraBakeInputs(Section):
+    model: Source
+    """The model the LoRAs are baked into."""
+    loras: list[LoraSource] = Field(min_length=1)
+    """The LoRAs (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, DoRA), each `train:lora` or a `.safetensors` path. Every
+    layer of every LoRA must match a linear or conv layer of the model's UNet or text encoder."""
+
+
+class LoraBakeRecipe(RecipeCommon):
+    method: Literal["lora_bake"]
+    """W + strength × ΔW for every layer each LoRA adapts, as A1111's `<lora:name:strength>` applies it (DoRA
+    updates are taken against the model's own weights, for each LoRA)."""
+    inputs: LoraBakeInputs
+    """The model and the LoRAs."""
+    strength: float | list[float] = 1.0
+    """Strength of the LoRAs: one number for all, or one per LoRA."""
+
+    @model_validator(mode="after")
+    def _one_strength_per_lora(self):
+        if isinstance(self.strength, list) and len(self.strength) != len(self.inputs.loras):
+            raise ValueError(
+                f"strength has {len(self.strength)} entries for {len(self.inputs.loras)} inputs.loras; give one "
+                "number, or one per LoRA"
+            )
+        return self
+
+
+class LoraExtractInputs(Section):
+    tuned: Source
+    """The fine-tuned model (e.g. `train:dreambooth`)."""
+    base: Source
+    """The model it was tuned from: the LoRA holds tuned − base."""
+
+
+class LoraExtractRecipe(RecipeCommon):
+    method: Literal["lora_extract"]
+    """A kohya LoRA (`lora.safetensors`, alpha = rank so its scale is 1) of tuned − base: for every linear and conv
+    layer of the UNet and text encoder whose weights differ, the truncated SVD of the difference (conv kernels
+    flattened). Biases and norms are not LoRA layers and are left out. `dtype` is the LoRA's."""
+    inputs: LoraExtractInputs
+    """The tuned and the base model."""
+    rank: int = Field(ge=1)
+    """Rank of the linear (and 1x1 conv) layers (kohya `network_dim`); a layer's rank is at most its smaller side."""
+    conv_rank: int | None = Field(default=None, ge=0)
+    """Rank of the conv layers with a kernel larger than 1x1 (kohya `conv_dim`); 0 leaves them out; null: `rank`."""
+    min_diff: float = Field(default=0.0, ge=0.0)
+    """Layers whose largest absolute difference is at most this are left out; 0 keeps every layer that differs at
+    all (raise it when one model was stored in fp16 and the other in fp32)."""
+
+
+class LoraResizeInputs(Section):
+    lora: LoraSource
+    """The LoRA to resize (LoRA/LoCon, LoHa or LoKr; not DoRA, whose update depends on the model's weights)."""
+
+
+class LoraResizeRecipe(RecipeCommon):
+    method: Literal["lora_resize"]
+    """A kohya LoRA (`lora.safetensors`, alpha = rank) of another rank: each layer's update ΔW at strength 1,
+    truncated to `rank` by SVD (the best approximation of that rank). `recipe.json` reports the share of each
+    layer's ΔW (Frobenius norm) the new LoRA keeps. The architecture (`config`) gives each layer's shape and must
+    have every layer of the LoRA."""
+    inputs: LoraResizeInputs
+    """The LoRA."""
+    rank: int = Field(ge=1)
+    """New rank of the linear (and 1x1 conv) layers; a layer already at or below it keeps its rank."""
+    conv_rank: int | None = Field(default=None, ge=0)
+    """New rank of the conv layers with a kernel larger than 1x1; 0 leaves them out; null: `rank`."""
+
+
 def check_weights(weights: list[float] | None, models: list[str]) -> None:
     if weights is not None and len(weights) != len(models):
         raise ValueError(f"weights has {len(weights)} entries for {len(models)} inputs.models; give one per model")
@@ -199,15 +303,22 @@ Recipe = Annotated[
     | SlerpRecipe
     | CosineAdaptiveRecipe
     | TiesRecipe
-    | DareRecipe,
+    | DareRecipe
+    | LoraBakeRecipe
+    | LoraExtractRecipe
+    | LoraResizeRecipe,
     Field(discriminator="method"),
 ]
+
+LORA_FILE_METHODS = ("lora_extract", "lora_resize")
+"""Methods that write a LoRA (`lora.safetensors`) instead of a model (`model/`, `model.safetensors`)."""
 
 
 class MergeParams(Section):
     recipes: dict[RecipeName, Recipe] = Field(default_factory=dict)
     """Merge recipes by name, each run into `<paths.merge>/<name>/` (`model/` diffusers folder, `model.safetensors`
-    original-layout single file, `recipe.json`). A list of recipes with a `name` each is accepted too."""
+    original-layout single file, `recipe.json`; `lora.safetensors` and `recipe.json` for `lora_extract` and
+    `lora_resize`). A list of recipes with a `name` each is accepted too."""
 
     @field_validator("recipes", mode="before")
     @classmethod

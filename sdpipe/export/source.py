@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sdpipe.config.merge import LORA_FILE_METHODS
 from sdpipe.errors import SdpipeError
 from sdpipe.models.loading import load_pipeline
 
@@ -34,6 +35,12 @@ def load_export_pipeline(params, model: str):
         return load_pipeline(base.base_model, base.base_model_config, device=cpu)
     kind, name = model.split(":", 1)
     if kind == "merge":
+        recipe = params.merge.recipes.get(name)
+        if recipe is not None and recipe.method in LORA_FILE_METHODS:
+            raise SdpipeError(
+                f"{KEY} is {model!r}, a {recipe.method} recipe, which writes a LoRA file and no model; export a model "
+                f"that uses it (`lora_bake` it into one) instead"
+            )
         folder = Path(params.paths.merge) / name / "model"
         if not folder.exists():
             raise SdpipeError(f"{KEY} is {model!r} but {folder} does not exist; run `dvc repro merge` first")

@@ -6,6 +6,7 @@
   DARE, cosine-adaptive), one tensor at a time;
 - `blocks`: per-block weights in supermerger's MBW convention;
 - `output`: a streaming safetensors writer and the diffusers folder written from the merged single file;
+- `lora`: LoRA recipes: baking LoRAs into a model, extracting a LoRA from two models, resizing a LoRA (SVD);
 - `recipe`: resolving a recipe's inputs and running it into `<paths.merge>/<recipe>/`.
 
 Nothing here imports torch at package import time, so `sdpipe.config` can use `blocks`.

@@ -99,16 +99,16 @@ class ComponentLayout:
     tensors: dict[str, tuple[str, tuple[int, ...]]]
 
 
-def diffusers_layout(config_folder: Path, key: str) -> dict[str, ComponentLayout]:
-    """The UNet, VAE and text encoder weights of the architecture that `config_folder` describes (SD 1.x-style
-    CLIP text encoder), from their configs alone; `key` names the params key of the folder in errors."""
+def meta_models(config_folder: Path, key: str) -> dict[str, torch.nn.Module]:
+    """The UNet, VAE and text encoder (SD 1.x-style CLIP) that `config_folder` describes, built on the meta device
+    (no memory, no weights read); `key` names the params key of the folder in errors."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     try:
         with init_empty_weights():
-            models = {
+            return {
                 "unet": UNet2DConditionModel.from_config(
                     UNet2DConditionModel.load_config(config_folder, subfolder="unet")
                 ),
@@ -117,6 +117,12 @@ def diffusers_layout(config_folder: Path, key: str) -> dict[str, ComponentLayout
             }
     except OSError as error:
         raise SdpipeError(f"{key} {config_folder}: cannot read the unet/vae/text_encoder configs: {error}") from None
+
+
+def diffusers_layout(config_folder: Path, key: str) -> dict[str, ComponentLayout]:
+    """The UNet, VAE and text encoder weights of the architecture that `config_folder` describes (SD 1.x-style
+    CLIP text encoder), from their configs alone; `key` names the params key of the folder in errors."""
+    models = meta_models(config_folder, key)
     layout = {}
     for component, model in models.items():
         prefix, stem = COMPONENTS[component]

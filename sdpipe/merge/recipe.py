@@ -1,4 +1,5 @@
-"""Running one merge recipe into `<paths.merge>/<recipe>/`: `model/`, `model.safetensors` and `recipe.json`.
+"""Running one merge recipe into `<paths.merge>/<recipe>/`: `model/`, `model.safetensors` and `recipe.json`
+(`lora.safetensors` and `recipe.json` for the recipes that write a LoRA: `lora_extract`, `lora_resize`).
 
     inputs = resolve_inputs(recipe, base_model=..., train_dir=...)
     config = architecture_folder(recipe, inputs, base_model=..., base_model_config=...)
@@ -10,22 +11,37 @@ merge key by key in fp32 (`sdpipe.merge.methods`), writing each merged tensor to
 it is computed (`sdpipe.merge.output`). Peak memory is a few tensors, not a model. The diffusers folder is
 written from the single file, and `recipe.json` records the recipe and the sha256 of every input file. The
 recipe folder is written atomically: a failing recipe leaves no partial output and the old one, if any, as it was.
+
+`lora_bake` is such a merge of one model, its merger (`sdpipe.merge.lora.LoraBaker`) adding the LoRAs' updates;
+`lora_extract` and `lora_resize` go to `write_lora_recipe`, which writes a kohya LoRA instead of a model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sdpipe.config.merge import TaskVectorInputs
+from sdpipe.config.merge import LORA_FILE_METHODS, LoraBakeInputs, TaskVectorInputs
+from sdpipe.formats.kohya import save_kohya_lora
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, write_json
 from sdpipe.merge import methods
 from sdpipe.merge.blocks import BlockWeight
+from sdpipe.merge.lora import (
+    LORA_FILE,
+    LoraBaker,
+    extract_lora,
+    load_lora,
+    lora_metadata,
+    model_layers,
+    resize_lora,
+    resolve_lora_source,
+)
 from sdpipe.merge.output import (
     DTYPES_BY_NAME,
     SafetensorsWriter,
@@ -41,38 +57,45 @@ from sdpipe.progress import log, track
 
 @dataclass(frozen=True)
 class MergeInput:
-    """One input of a recipe: its role (`a`, `base`, `models[1]`, ...), the source as written, and its path."""
+    """One input of a recipe: its role (`a`, `base`, `models[1]`, `loras[0]`, ...), the source as written, its path,
+    and whether it is a LoRA file rather than a model."""
 
     role: str
     source: str
     path: Path
+    is_lora: bool = False
 
 
 def recipe_key(recipe) -> str:
     return f"merge.recipes.{recipe.name}"
 
 
-def input_roles(recipe) -> list[tuple[str, str]]:
-    """(role, source) of each input of a recipe, in the recipe's order."""
+def input_roles(recipe) -> list[tuple[str, str, bool]]:
+    """(role, source, is a LoRA) of each input of a recipe, in the recipe's order."""
     inputs = recipe.inputs
     if isinstance(inputs, TaskVectorInputs):
         roles = [("base", inputs.base)] + [(f"models[{index}]", source) for index, source in enumerate(inputs.models)]
-        return roles + ([("target", inputs.target)] if inputs.target is not None else [])
-    return [(role, getattr(inputs, role)) for role in type(inputs).model_fields]
+        roles += [("target", inputs.target)] if inputs.target is not None else []
+        return [(role, source, False) for role, source in roles]
+    if isinstance(inputs, LoraBakeInputs):
+        loras = [(f"loras[{index}]", source, True) for index, source in enumerate(inputs.loras)]
+        return [("model", inputs.model, False), *loras]
+    if recipe.method == "lora_resize":
+        return [("lora", inputs.lora, True)]
+    return [(role, getattr(inputs, role), False) for role in type(inputs).model_fields]
 
 
 def resolve_inputs(recipe, *, base_model: str, train_dir: str | Path) -> list[MergeInput]:
     """The folder or file of each input (`base` is `base_model`, `train:<method>` is under `train_dir`)."""
-    return [
-        MergeInput(
-            role,
-            source,
-            resolve_source(
-                source, base_model=base_model, train_dir=train_dir, key=f"{recipe_key(recipe)}.inputs.{role}"
-            ),
-        )
-        for role, source in input_roles(recipe)
-    ]
+    inputs = []
+    for role, source, is_lora in input_roles(recipe):
+        key = f"{recipe_key(recipe)}.inputs.{role}"
+        if is_lora:
+            path = resolve_lora_source(source, train_dir=train_dir, key=key)
+        else:
+            path = resolve_source(source, base_model=base_model, train_dir=train_dir, key=key)
+        inputs.append(MergeInput(role, source, path, is_lora))
+    return inputs
 
 
 def architecture_folder(recipe, inputs: list[MergeInput], *, base_model: str, base_model_config: str | None) -> Path:
@@ -103,24 +126,30 @@ def merge_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_d
     """Merges `inputs` by `recipe` into `out_dir` (`model/`, `model.safetensors`, `recipe.json`); returns it.
 
     `config_folder` is the architecture's diffusers folder (`architecture_folder`); `seed` is used by DARE when
-    the recipe has no seed of its own.
+    the recipe has no seed of its own. `lora_extract` and `lora_resize` write a LoRA instead (`write_lora_recipe`).
     """
     key = recipe_key(recipe)
     out_dir = Path(out_dir)
+    if recipe.method in LORA_FILE_METHODS:
+        return write_lora_recipe(recipe, inputs, config_folder=config_folder, out_dir=out_dir)
+    models = [item for item in inputs if not item.is_lora]
     with contextlib.ExitStack() as stack:
         checkpoints = {
-            item.role: stack.enter_context(open_checkpoint(item.path, f"{key}.inputs.{item.role}")) for item in inputs
+            item.role: stack.enter_context(open_checkpoint(item.path, f"{key}.inputs.{item.role}")) for item in models
         }
-        check_same_architecture(inputs, checkpoints, key)
-        first = checkpoints[inputs[0].role]
+        check_same_architecture(models, checkpoints, key)
+        first = checkpoints[models[0].role]
         keys = sorted(first.tensors)
         open_clip = any(name.startswith(OPEN_CLIP_PREFIX) for name in keys)
         layout = None
         if not open_clip:  # an SD 2.x text encoder: the diffusers folder is converted by diffusers instead
             layout = diffusers_layout(config_folder, f"{key}.config")
             check_fits(layout, {name: first.tensors[name].shape for name in keys}, config_folder, key)
-        merger = Merger(recipe, keys, seed)
-        merger.prepare(checkpoints, keys)
+        if recipe.method == "lora_bake":
+            merger = lora_baker(recipe, inputs, config_folder, keys, key)
+        else:
+            merger = Merger(recipe, keys, seed)
+            merger.prepare(checkpoints, keys)
 
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
@@ -132,9 +161,98 @@ def merge_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_d
             else:
                 with open_checkpoint(single_file, key) as merged:
                     write_diffusers_folder(merged, layout, config_folder, tmp / "model")
-            write_json(tmp / "recipe.json", recipe_record(recipe, inputs, checkpoints, config_folder, merger.seed))
+            record = recipe_record(recipe, inputs, checkpoints, config_folder, merger.seed)
+            if isinstance(merger, LoraBaker):
+                record["baked_layers"] = merger.layer_counts()
+            write_json(tmp / "recipe.json", record)
     log(f"merge: {recipe.name} -> {out_dir}")
     return out_dir
+
+
+def lora_baker(recipe, inputs: list[MergeInput], config_folder: Path, keys: list[str], key: str) -> LoraBaker:
+    """The merger of a `lora_bake` recipe: its LoRA files read, each layer matched to a weight of the model."""
+    loras = [load_lora(item.role, item.source, item.path, key) for item in inputs if item.is_lora]
+    strengths = recipe.strength if isinstance(recipe.strength, list) else [recipe.strength] * len(loras)
+    layers = model_layers(config_folder, f"{key}.config")
+    return LoraBaker(recipe, loras, strengths, layers, set(keys), key)
+
+
+def write_lora_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_dir: Path) -> Path:
+    """Runs `lora_extract` or `lora_resize` into `out_dir` (`lora.safetensors` in kohya format, `recipe.json` with
+    each layer's rank and retained norm share); returns it. Written atomically, like a merge.
+
+    Extracting from two models that differ in no layer is an error (an empty LoRA is never what was meant).
+    """
+    key = recipe_key(recipe)
+    layers = model_layers(config_folder, f"{key}.config")
+    conv_rank = recipe.rank if recipe.conv_rank is None else recipe.conv_rank
+    dtype = DTYPES[recipe.dtype]
+    with contextlib.ExitStack() as stack:
+        checkpoints = {
+            item.role: stack.enter_context(open_checkpoint(item.path, f"{key}.inputs.{item.role}"))
+            for item in inputs
+            if not item.is_lora
+        }
+        if recipe.method == "lora_extract":
+            check_same_architecture(inputs, checkpoints, key)
+            tuned, base = checkpoints["tuned"], checkpoints["base"]
+            if not any(name.startswith(OPEN_CLIP_PREFIX) for name in tuned.tensors):
+                shapes = {name: stored.shape for name, stored in tuned.tensors.items()}
+                check_fits(diffusers_layout(config_folder, f"{key}.config"), shapes, config_folder, key)
+            present = extract_layers(layers, tuned, config_folder, key)
+            tensors, report = extract_lora(
+                tuned.read,
+                base.read,
+                present,
+                rank=recipe.rank,
+                conv_rank=conv_rank,
+                min_diff=recipe.min_diff,
+                dtype=dtype,
+            )
+            if not tensors:
+                tuned_input, base_input = inputs
+                raise SdpipeError(
+                    f"{key}: inputs.tuned ({tuned_input.source}: {tuned_input.path}) and inputs.base "
+                    f"({base_input.source}: {base_input.path}) differ in no linear or conv layer of the UNet or text "
+                    f"encoder (by more than min_diff={recipe.min_diff}"
+                    f"{', with conv_rank 0' if conv_rank == 0 else ''}): there is nothing to extract"
+                )
+            base_metadata: dict[str, str] = {}
+        else:
+            (item,) = inputs
+            lora = load_lora(item.role, item.source, item.path, key)
+            tensors, report = resize_lora(lora, layers, rank=recipe.rank, conv_rank=conv_rank, dtype=dtype, key=key)
+            if not tensors:
+                raise SdpipeError(f"{lora.where(key)}: conv_rank 0 leaves out every layer of the LoRA")
+            base_metadata = lora.metadata
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            save_kohya_lora(tensors, tmp / LORA_FILE, lora_metadata(recipe, report, layers, base_metadata))
+            record = recipe_record(recipe, inputs, checkpoints, config_folder, seed=None)
+            record["layers"] = report
+            write_json(tmp / "recipe.json", record)
+    log(f"merge: {recipe.name} -> {out_dir / LORA_FILE} ({len(report)} layers)")
+    return out_dir
+
+
+def extract_layers(layers: dict, checkpoint: Checkpoint, config_folder: Path, key: str) -> dict:
+    """The layers of the architecture that `checkpoint` has (an SD 2.x OpenCLIP text encoder is not under the
+    CLIP keys: it is left out); a layer whose weight has another size is an error."""
+    present = {}
+    for name, layer in layers.items():
+        stored = checkpoint.tensors.get(layer.key)
+        if stored is None:
+            continue
+        if math.prod(stored.shape) != math.prod(layer.shape):
+            raise SdpipeError(
+                f"{key}: the inputs do not fit the architecture of {config_folder}: {layer.key!r} is "
+                f"{list(stored.shape)} in the inputs and {list(layer.shape)} there; set {key}.config to a diffusers "
+                "folder of the inputs' architecture"
+            )
+        present[name] = layer
+    if any(name.startswith(OPEN_CLIP_PREFIX) for name in checkpoint.tensors):
+        log(f"{key}: the SD 2.x OpenCLIP text encoder is not extracted (only CLIP text encoders are); the UNet is")
+    return present
 
 
 def check_same_architecture(inputs: list[MergeInput], checkpoints: dict[str, Checkpoint], key: str) -> None:
@@ -252,9 +370,10 @@ class Merger:
 
 
 def recipe_record(
-    recipe, inputs: list[MergeInput], checkpoints: dict[str, Checkpoint], config_folder: Path, seed: int
+    recipe, inputs: list[MergeInput], checkpoints: dict[str, Checkpoint], config_folder: Path, seed: int | None
 ) -> dict:
-    """What `recipe.json` holds: the recipe, each input's path and the sha256 of each file read from it."""
+    """What `recipe.json` holds: the recipe, each input's path and the sha256 of each file read from it (a LoRA
+    input's file, or every weight file of a model)."""
     record = {
         "name": recipe.name,
         "recipe": recipe.model_dump(mode="json"),
@@ -267,7 +386,7 @@ def recipe_record(
                     (file.relative_to(item.path).as_posix() if item.path.is_dir() else file.name): file_sha256(
                         file
                     ).hex()
-                    for file in checkpoints[item.role].files
+                    for file in (checkpoints[item.role].files if item.role in checkpoints else [item.path])
                 },
             }
             for item in inputs

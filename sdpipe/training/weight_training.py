@@ -1,5 +1,7 @@
 """What the methods that train the model's own weights share (full fine-tuning, DreamBooth): which weights train and
-at what learning rates, the EMA setting, and the outputs, a whole Stable Diffusion model in two formats:
+at what learning rates, their caption dropout (which keeps the unconditional prediction that classifier-free guidance
+subtracts in step with the conditional one), the EMA setting, and the outputs, a whole Stable Diffusion model in two
+formats:
 
 - `model/diffusers/`: a diffusers `StableDiffusionPipeline` folder, the base model's (VAE, tokenizer, scheduler, ...)
   with the trained UNet (and text encoder); `StableDiffusionPipeline.from_pretrained(folder)` loads it;
