@@ -11,6 +11,8 @@ from rich.markup import escape
 from sdpipe.config import ParamsError, load_params
 
 app = typer.Typer(help="sdpipe: reproducible Stable Diffusion customization with DVC.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Start dataset folders under datasets/.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
 console = Console()
 
 
@@ -91,6 +93,97 @@ def torch_sample(model: str, prompt: str, seed: int, steps: int, guidance_scale:
         output_type="np",
     ).images
     return images, f"PyTorch ({device})"
+
+
+def fail(error: Exception) -> typer.Exit:
+    """Prints a user error (no traceback) and returns the exit to raise."""
+    console.print(f"[bold red]{escape(str(error))}[/]", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+@app.command("inspect")
+def inspect_command(
+    path: Path = typer.Argument(..., help="A .safetensors/.pt/.ckpt/.bin file or a diffusers folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Tells what a checkpoint, LoRA, embedding or hypernetwork file (or diffusers folder) is, with its hashes.
+
+    Pickled files are read with torch.load(weights_only=True) only; one that needs code to load is refused.
+    """
+    import json
+
+    from sdpipe.errors import SdpipeError
+    from sdpipe.inspection import inspect_model, print_report
+
+    try:
+        report = inspect_model(path)
+    except SdpipeError as error:
+        raise fail(error) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        print_report(report, console)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="The file or diffusers folder to convert."),
+    dst: Path = typer.Argument(..., help="The file or folder to write (atomically)."),
+    to: str | None = typer.Option(
+        None, "--to", help="kohya | peft | a1111-pt | safetensors | single-file | diffusers; default: the usual one."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="A local diffusers folder: the architecture of a single file (--to diffusers), "
+        "or exact layer names for kohya → peft."
+    ),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32 | fp16 | bf16 for --to single-file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
+) -> None:
+    """Converts between kohya and diffusers/PEFT LoRA, A1111 .pt and .safetensors embeddings, diffusers folders and
+    single-file checkpoints, and pickled state dicts to .safetensors."""
+    from sdpipe.conversion import convert_model
+    from sdpipe.errors import SdpipeError
+
+    try:
+        summary = convert_model(src, dst, to=to, config=config, dtype=dtype, overwrite=overwrite)
+    except SdpipeError as error:
+        raise fail(error) from None
+    console.print(f"[green]{escape(summary)}[/]", highlight=False, soft_wrap=True)
+
+
+@datasets_app.command("add")
+def datasets_add(
+    name: str = typer.Argument(..., help="The dataset name: datasets/<name>/."),
+    source: Path | None = typer.Option(None, "--from", help="A folder of images and <stem>.txt captions to copy."),
+    class_word: str | None = typer.Option(
+        None, "--class-word", help="What the subject is (noted; see caption.class_word)."
+    ),
+    token: str | None = typer.Option(None, "--token", help="The trigger word (noted; see caption.token)."),
+    root: Path = typer.Option(Path("datasets"), "--root", help="The datasets folder (params.yaml paths.datasets)."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file to read base.datasets from."),
+    dvc: bool = typer.Option(False, "--dvc", help="Run `dvc add` (only where datasets are tracked with .dvc files)."),
+) -> None:
+    """Creates datasets/<name>/ (copying and checking images from --from) with a notes template, and prints the
+    next steps. params.yaml is never edited: the dataset joins the pipeline once it is listed in base.datasets."""
+    from sdpipe.data.new_dataset import add_dataset, dvc_add_command, next_steps, run_command
+    from sdpipe.errors import SdpipeError
+
+    try:
+        dvc_command = dvc_add_command(name, root) if dvc else None  # checked before anything is written
+        added = add_dataset(name, root=root, source=source, token=token, class_word=class_word)
+        if dvc_command:
+            run_command(dvc_command)
+    except SdpipeError as error:
+        raise fail(error) from None
+    counts = f"{added['images']} image(s), {added['captions']} caption file(s)"
+    console.print(f"[green]{escape(added['folder'])}[/]: {counts}")
+    if added["ignored"]:
+        console.print(f"not copied (neither images nor captions): {escape(', '.join(added['ignored']))}")
+    if dvc_command:
+        console.print(f"ran: {escape(' '.join(dvc_command))}")
+    console.print("next:")
+    for step in next_steps(name, root, params, token, class_word, added["images"]):
+        console.print(f"  - {escape(step)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
