@@ -31,46 +31,13 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from sdpipe.config.export import ExportParams
 from sdpipe.export.onnx import export_onnx
 from sdpipe.export.onnx_pipeline import OnnxStableDiffusion, to_pil
+from sdpipe.models.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
 from sdpipe.tinyworld.models import build_random_pipeline, sample_scheduler
 from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
 
 PROMPT = "a red circle"
 STEPS = 25
 
-# Stable Diffusion 1.5's architecture (runwayml/stable-diffusion-v1-5's configs), with random weights.
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-SD15_TEXT = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
 
 
 def tiny_pipeline(folder: Path) -> StableDiffusionPipeline:
@@ -84,11 +51,13 @@ def sd15_pipeline(folder: Path) -> StableDiffusionPipeline:
     tokenizer = build_clip_tokenizer(folder / "tokenizer")
     tokenizer.model_max_length = 77
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **SD15_TEXT,
+        **{
+            **SD15_TEXT,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
     )
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**SD15_VAE),

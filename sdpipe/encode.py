@@ -89,6 +89,15 @@ def read_manifest(prepared_dir: Path) -> list[dict]:
     return rows
 
 
+def dataset_images(prepared_dir: Path) -> list[Image.Image]:
+    """The prepared images of a dataset (RGB), in manifest order."""
+    images = []
+    for row in read_manifest(prepared_dir):
+        with Image.open(prepared_dir / row["file"]) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
 def size_batches(items: list[tuple], batch_size: int):
     """Batches of at most `batch_size` items whose images have the same size, in (size, key) order."""
 

@@ -1,7 +1,9 @@
 """The evaluate stage: sample every model with the same prompts and seeds, score it, write one scoreboard.
 
 Models: the base, each trained method (loaded the way a user loads its files: `load_textual_inversion`,
-`load_lora_weights`, `from_pretrained`, ... — each method module's `sampling_pipeline`), and each merge.
+`load_lora_weights`, `from_pretrained`, ... — each method module's `sampling_pipeline`), and each merge. A method
+that makes nothing to sample new prompts with (null-text inversion: per-image records) reports its own measure
+instead (its module's `evaluation_metrics`: reconstruction PSNR).
 
 Per model, `<eval>/<name>/metrics.json` and `<eval>/grids/<name>.png`; for all, `summary.json` and `summary.md` (the base
 first, as the reference row). The metrics:
@@ -30,7 +32,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from sdpipe.config.merge import LORA_FILE_METHODS
-from sdpipe.encode import load_latents, read_manifest
+from sdpipe.encode import dataset_images, load_latents
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, read_jsonl, write_json
 from sdpipe.models.loading import load_pipeline
@@ -47,8 +49,9 @@ class Candidate:
     """A model to evaluate: how to build its pipeline, and the word its prompts use for the concept."""
 
     name: str
-    pipeline: StableDiffusionPipeline
+    pipeline: StableDiffusionPipeline | None
     trigger: str
+    metrics: dict | None = None  # a method scored by its own measure instead of by sampling (null-text inversion)
 
 
 def candidates(params, device: torch.device):
@@ -60,6 +63,9 @@ def candidates(params, device: torch.device):
         model_dir = Path(params.paths.train) / method / "model"
         if not model_dir.is_dir():
             raise SdpipeError(f"{model_dir}: no trained model; run `dvc repro train@{method}` first")
+        if hasattr(module, "evaluation_metrics"):
+            yield Candidate(method, None, params.evaluate.trigger, module.evaluation_metrics(params, model_dir.parent))
+            continue
         pipeline, trigger = module.sampling_pipeline(params, model_dir, device)
         yield Candidate(method, pipeline, trigger)
     for recipe in merge_recipe_names(params):
@@ -83,9 +89,12 @@ def evaluate_models(params, device: torch.device) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for candidate in candidates(params, device):
         log(f"evaluate: {candidate.name}")
-        metrics = evaluate_candidate(candidate, settings, references, out_dir / "grids" / f"{candidate.name}.png")
-        base_joint = rows["base"]["joint_accuracy"] if rows else metrics["joint_accuracy"]
-        metrics["prior_preservation"] = round(metrics["joint_accuracy"] / base_joint, 4) if base_joint else 0.0
+        if candidate.metrics is not None:
+            metrics = candidate.metrics
+        else:
+            metrics = evaluate_candidate(candidate, settings, references, out_dir / "grids" / f"{candidate.name}.png")
+            base_joint = rows["base"]["joint_accuracy"] if rows else metrics["joint_accuracy"]
+            metrics["prior_preservation"] = round(metrics["joint_accuracy"] / base_joint, 4) if base_joint else 0.0
         write_json(out_dir / candidate.name / "metrics.json", metrics)
         rows[candidate.name] = metrics
         del candidate
@@ -230,14 +239,6 @@ def load_clip(clip_model: str | None, base_model: str, device: torch.device) -> 
     return ClipScorer(CLIPModel.from_pretrained(folder), CLIPTokenizer.from_pretrained(tokenizer_folder), device)
 
 
-def dataset_images(prepared_dir: Path) -> list[Image.Image]:
-    images = []
-    for row in read_manifest(prepared_dir):
-        with Image.open(prepared_dir / row["file"]) as image:
-            images.append(image.convert("RGB"))
-    return images
-
-
 def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Unbiased MMD² with the cubic polynomial kernel of Bińkowski et al. (2018), on the given features."""
     dim = x.shape[1]
@@ -278,6 +279,9 @@ SUMMARY_COLUMNS = (
     "clip_i",
     "kid",
     "validation_loss",
+    "psnr_null_text",
+    "psnr_ddim",
+    "psnr_gain",
 )
 
 

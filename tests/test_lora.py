@@ -19,10 +19,10 @@ from sdpipe.training.loop import load_models
 
 STEPS = 3
 RUNS = {  # a few steps of each algorithm, covering LoCon and the text encoder
-    "lora": {"algorithm": "lora", "conv": True, "train_text_encoder": True},
-    "dora": {"algorithm": "dora"},
-    "loha": {"algorithm": "loha", "conv": True},
-    "lokr": {"algorithm": "lokr", "train_text_encoder": True},
+    "lora": {"algorithm": "lora", "conv": True, "conv_rank": 4, "conv_alpha": 4.0, "train_text_encoder": True},
+    "dora": {"algorithm": "dora", "conv": False, "train_text_encoder": False},
+    "loha": {"algorithm": "loha", "conv": True, "conv_rank": 4, "conv_alpha": 4.0, "train_text_encoder": False},
+    "lokr": {"algorithm": "lokr", "conv": False, "train_text_encoder": True},
 }
 
 
@@ -157,7 +157,8 @@ def test_dora_writes_its_magnitudes_and_loads_in_diffusers_from_its_layout(runs,
     "run, expected_parts",
     [
         ("loha", {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}),
-        ("lokr", {"lokr_w1", "lokr_w2", "alpha"}),  # rank 8 on layers of 64 and 128: both factors full
+        # rank 8: both factors full on layers 64 and 128 wide, w2 low-rank on the 256-wide feed-forward ones
+        ("lokr", {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}),
     ],
 )
 def test_loha_and_lokr_use_lycoris_names_and_apply_by_merging(runs, base_output, run, expected_parts):
@@ -177,14 +178,15 @@ def test_loha_and_lokr_use_lycoris_names_and_apply_by_merging(runs, base_output,
 def test_only_adapters_train_and_the_text_encoder_has_its_own_rate(tiny_sd_dir):
     params = parse_params({"base": {"base_model": str(tiny_sd_dir), "device": "cpu"}})
     models = load_models(params.base, torch.device("cpu"))
-    settings = LoraParams(train_text_encoder=True, text_encoder_learning_rate=1e-4)
+    settings = LoraParams(conv=False, train_text_encoder=True, text_encoder_learning_rate=1e-4)
     method = Lora(settings, base_model=str(tiny_sd_dir))
     method.setup(models)
     assert method.trained_models == ("unet", "text_encoder")
     unet_group, text_group = method.parameter_groups()
     assert "lr" not in unet_group and text_group["lr"] == 1e-4
     trainable = [name for name, p in models.unet.named_parameters() if p.requires_grad]
-    assert len(trainable) == len(unet_group["params"]) == 7 * 2 * 4 * 2  # lora_A and lora_B of 56 projections
+    # lora_A and lora_B of the 12 linear layers of each of the 7 transformer blocks (kohya's targets)
+    assert len(trainable) == len(unet_group["params"]) == 7 * 12 * 2
     assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
     assert len(text_group["params"]) == 3 * 4 * 2
 

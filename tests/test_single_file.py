@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdpipe.errors import SdpipeError
+from sdpipe.models.sd15 import SD15_UNET, SD15_VAE
 from sdpipe.models.single_file import (
     load_single_file_pipeline,
     load_single_file_state_dict,
@@ -25,25 +26,6 @@ PREFIXES = {
     "text_encoder": "cond_stage_model.transformer.",
 }
 
-# runwayml/stable-diffusion-v1-5's unet/config.json (the fields that shape the weights)
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SD15_VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-)
 
 
 @pytest.fixture(scope="module")

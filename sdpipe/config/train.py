@@ -27,7 +27,7 @@ METHODS = (
     "lora",
 )
 # methods whose sdpipe.methods module exists
-BUILT_METHODS: tuple[str, ...] = ("textual_inversion", "finetune", "dreambooth", "lora")
+BUILT_METHODS: tuple[str, ...] = ("textual_inversion", "finetune", "dreambooth", "lora", "dreamartist", "aesthetic_gradient", "null_text_inversion", "custom_diffusion", "hypernetwork")
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -184,6 +184,38 @@ class TextualInversionParams(MethodParams):
         return token
 
 
+class DreamArtistParams(TextualInversionParams):
+    """DreamArtist (Dong et al. 2022): a positive and a negative embedding trained together, with classifier-free
+    guidance inside the loss; the models stay frozen. Saves two A1111 embeddings, `<name>` and `<name>-neg`."""
+
+    learning_rate: float = Field(default=5e-3, gt=0.0)
+    """The positive embedding's peak learning rate (after warmup)."""
+
+    placeholder_token: str = "<sks>"
+    """The positive embedding's token, which names the concept in prompts; the negative one is this + `-neg`
+    (`<sks>-neg`, A1111's DreamArtist convention). With several vectors, the extra tokens are `<token>_1`, … ."""
+
+    num_vectors: int = Field(default=1, ge=1, le=75)
+    """Vectors of the positive embedding."""
+
+    negative_num_vectors: int = Field(default=1, ge=1, le=75)
+    """Vectors of the negative embedding."""
+
+    negative_initializer_word: str | None = None
+    """Word(s) whose embeddings start the negative vectors (plus noise of std 1e-3, as the reference does, so that
+    the two start apart); null: `initializer_word`."""
+
+    negative_learning_rate: float | None = Field(default=None, gt=0.0)
+    """The negative embedding's peak learning rate (the reference's `neg_lr_w` × `learning_rate`); null:
+    `learning_rate`."""
+
+    cfg_scale: float = Field(default=7.5, ge=1.0)
+    """The guidance scale inside the loss: the prediction compared with the noise is
+    eps_neg + cfg_scale × (eps_pos − eps_neg), eps_pos conditioned on the caption with the positive tokens, eps_neg
+    on the same caption with the negative ones. Sample with a guidance scale near it and `<token>-neg` in the
+    negative prompt; 7.5 is the guidance `evaluate` samples with (the A1111 extension's default is 5)."""
+
+
 class WeightTrainingParams(MethodParams):
     """What the methods that train the model's own weights (fine-tuning, DreamBooth) share."""
 
@@ -323,12 +355,14 @@ class LoraParams(MethodParams):
     datasets: list[DatasetName] | None = Field(default_factory=lambda: ["star"])
     """Datasets (of `base.datasets`) to train on; null: all of them."""
 
-    max_steps: int = Field(default=300, ge=1)
+    max_steps: int = Field(default=600, ge=1)
     """Optimizer steps to train."""
 
-    learning_rate: float = Field(default=1e-3, gt=0.0)
+    learning_rate: float = Field(default=3e-3, gt=0.0)
     """The UNet adapters' peak learning rate (after warmup). Adapters take larger rates than full fine-tuning
-    (kohya's usual 1e-4 is for SD-sized models with alpha far below the rank)."""
+    (kohya's usual 1e-4 is for SD-sized models with alpha far below the rank). The tiny-world defaults (LoCon rank 8,
+    text encoder on, 3e-3, 600 steps) draw the held-out star: fidelity 0.81, editability 0.69; attention-only LoRA
+    at 1e-3 for 300 steps never did (fidelity 0)."""
 
     algorithm: Literal[LORA_ALGORITHMS] = "lora"  # type: ignore[valid-type]
     """The adapter: `lora` (ΔW = B·A, kohya `networks.lora`; loads in diffusers), `dora` (LoRA with a trained
@@ -347,23 +381,261 @@ class LoraParams(MethodParams):
     """Dropout probability: on each adapter's input for `lora`/`dora`, on the rows of the update (LyCORIS rank
     dropout) for `loha`/`lokr`; 0: none."""
 
-    conv: bool = False
+    conv: bool = True
     """Also adapt the UNet's ResNet and down/upsampler convolutions (LoCon; LyCORIS does so for LoHa and LoKr too),
     with `conv_rank` and `conv_alpha`: more capacity for shape and texture, a larger file."""
 
-    conv_rank: int = Field(default=4, ge=1)
+    conv_rank: int = Field(default=8, ge=1)
     """The rank of the conv layers' adapters, when `conv` is on (kohya `conv_dim`)."""
 
-    conv_alpha: float = Field(default=4.0, gt=0.0)
+    conv_alpha: float = Field(default=8.0, gt=0.0)
     """The alpha of the conv layers' adapters, when `conv` is on (kohya `conv_alpha`)."""
 
-    train_text_encoder: bool = False
+    train_text_encoder: bool = True
     """Also put adapters on the CLIP text encoder's attention projections (q/k/v/out_proj; kohya `lora_te_` keys),
     trained at `text_encoder_learning_rate`: the trigger word is learnt in the text encoder too."""
 
     text_encoder_learning_rate: float = Field(default=5e-4, gt=0.0)
     """The text encoder adapters' peak learning rate, when `train_text_encoder` is on (kohya `text_encoder_lr`;
     usually half the UNet's or less)."""
+
+
+HYPERNETWORK_ACTIVATIONS = (  # A1111's names ("swish" is its Hardswish) and torch.nn's width-keeping activations
+    "linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "celu", "gelu", "hardshrink", "hardsigmoid",
+    "hardswish", "hardtanh", "logsigmoid", "mish", "prelu", "relu6", "rrelu", "selu", "silu", "softplus", "softshrink",
+    "softsign", "tanhshrink",
+)  # A1111 also takes softmax, softmin and logsoftmax, which mix the batch (no dim): files with them still load
+HYPERNETWORK_INITIALIZATIONS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
+
+
+class HypernetworkParams(MethodParams):
+    """A1111 hypernetworks: per context width, a pair of MLPs that transform what the UNet's attention keys and values
+    come from (context + mlp(context) × strength: the text context of cross-attention, with `self_attention` the
+    image features of self-attention too); the UNet and text encoder stay frozen. Saved as an A1111 hypernetwork
+    `.pt` (and a `.safetensors` copy)."""
+
+    datasets: list[DatasetName] | None = Field(default_factory=lambda: ["outlined"])
+    """Datasets (of `base.datasets`) to train on; null: all of them. Hypernetworks suit styles: every prompt gets
+    the datasets' look, no trigger word needed."""
+
+    max_steps: int = Field(default=300, ge=1)
+    """Optimizer steps to train."""
+
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    """The MLPs' peak learning rate (after warmup). On the tiny world 2e-3 and 5e-3 lost much of the prompts' colors
+    (A1111's usual 5e-6 is for SD-sized models)."""
+
+    layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0], min_length=2)
+    """Width of each MLP layer as a multiple of the context width (A1111's `layer_structure`): [1, 2, 1] is one hidden
+    layer twice as wide; it must start and end with 1."""
+
+    activation_func: Literal[HYPERNETWORK_ACTIVATIONS] = "linear"  # type: ignore[valid-type]
+    """Activation after each hidden layer (A1111's names: `linear` (none), `relu`, `leakyrelu`, `elu`, `swish`
+    (Hardswish, as in A1111), `tanh`, `sigmoid`, or a torch.nn activation lowercased: `gelu`, `silu`, `mish`, ...)."""
+
+    add_layer_norm: bool = False
+    """A LayerNorm after every layer (A1111's `is_layer_norm`)."""
+
+    activate_output: bool = False
+    """Also apply `activation_func` to the output layer."""
+
+    use_dropout: bool = False
+    """Dropout after the layers that `dropout_structure` names (training only)."""
+
+    dropout_structure: list[float] | None = None
+    """Dropout probability after each layer, one per `layer_structure` entry, first and last 0 (A1111: `0, 0.05, 0`);
+    only with `use_dropout`. Null: 0.3 after every hidden layer (A1111's older default)."""
+
+    weight_initialization: Literal[HYPERNETWORK_INITIALIZATIONS] = "Normal"  # type: ignore[valid-type]
+    """How the linear weights start (biases at 0): `Normal` (N(0, 0.01): the hypernetwork starts as almost the
+    identity), `XavierUniform`, `XavierNormal`, `KaimingUniform` or `KaimingNormal` (A1111 recommends Kaiming for
+    relu-like activations, Xavier for sigmoid-like)."""
+
+    self_attention: bool = True
+    """Also train MLPs for the widths of the UNet's self-attention layers (A1111's `Modules` 320, 640 and 1280 on
+    SD 1.x, checked by default there), which transform the image features their keys and values come from; false:
+    only the text context's width (768 on SD 1.x). As in A1111, a layer gets the MLPs of its context width, self- or
+    cross-attention: a self-attention layer as wide as the text context gets the text context's MLPs either way. On
+    the tiny world they raised the outlined style from 0.30 to 0.55 (300 steps)."""
+
+    caption_dropout: float | None = Field(default=0.1, ge=0.0, lt=1.0)
+    """Share of this method's captions replaced by the empty caption, instead of
+    `train.common.caption_ops.caption_dropout` (null: that one). The MLPs transform the empty prompt's context too,
+    which classifier-free guidance subtracts: dropping captions trains the style into both."""
+
+    strength: float = Field(default=1.0, ge=0.0)
+    """Sampling strength (A1111's hypernetwork strength): the MLPs' output is scaled by it; 0 gives the base model.
+    Training always uses 1."""
+
+    @model_validator(mode="after")
+    def _structures_fit(self) -> HypernetworkParams:
+        layers = self.layer_structure
+        if layers[0] != 1 or layers[-1] != 1 or any(size <= 0 for size in layers):
+            raise ValueError(
+                f"train.hypernetwork.layer_structure {layers} must start and end with 1 and have positive sizes"
+            )
+        dropout = self.dropout_structure
+        if dropout is not None and not self.use_dropout:
+            raise ValueError(
+                "train.hypernetwork.dropout_structure is set but use_dropout is false; turn dropout on or remove it"
+            )
+        if dropout is not None:
+            if len(dropout) != len(layers):
+                raise ValueError(
+                    f"train.hypernetwork.dropout_structure has {len(dropout)} values; layer_structure has {len(layers)}"
+                )
+            if dropout[0] != 0 or dropout[-1] != 0 or any(not 0 <= p < 1 for p in dropout):
+                raise ValueError(
+                    f"train.hypernetwork.dropout_structure {dropout} must start and end with 0, each value in [0, 1)"
+                )
+        return self
+
+
+class AestheticGradientParams(Section):
+    """Aesthetic gradients (Gallego 2022, A1111's aesthetic-gradients extension): the mean CLIP image embedding of
+    a dataset, which steers the text encoder toward its style at sampling time. Nothing is trained by the stage
+    (no optimizer steps): it computes the embedding; the `aesthetic_*` settings apply when sampling."""
+
+    datasets: list[DatasetName] | None = Field(default_factory=lambda: ["outlined"])
+    """Datasets (of `base.datasets`) whose prepared images make the aesthetic embedding; null: all of them."""
+
+    embedding_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """File name (without suffix) of the embedding, `<name>.pt` and `<name>.safetensors` (A1111 lists it under this
+    name); null: the dataset names joined by `-`."""
+
+    clip_model: str | None = None
+    """A CLIP model folder (transformers `CLIPModel`) whose text tower is the base model's text encoder (for SD 1.x:
+    openai/clip-vit-large-patch14); null: the base model's own `image_encoder/` + `feature_extractor/` for the
+    images and `clip/` for the text projection (the tiny world ships both)."""
+
+    aesthetic_weight: float = Field(default=0.9, ge=0.0, le=1.0)
+    """How much of the steered conditioning replaces the prompt's own: (1 - weight) × original + weight × steered
+    (A1111's `Aesthetic weight`); 0: no steering."""
+
+    aesthetic_steps: int = Field(default=5, ge=0)
+    """Adam steps that fine-tune a copy of the text encoder on each prompt (A1111's `Aesthetic steps`); 0: none."""
+
+    aesthetic_lr: float = Field(default=1e-4, gt=0.0)
+    """Learning rate of those steps (A1111's `Aesthetic learning rate`)."""
+
+    aesthetic_slerp: bool = False
+    """Blend by spherical interpolation of each token vector instead of linearly (A1111's `Slerp interpolation`)."""
+
+
+class NullTextInversionParams(Section):
+    """Null-text inversion (Mokady et al. 2022): per image, DDIM inversion of its latent, then per-timestep
+    unconditional embeddings optimized so that guided sampling from the inverted noise retraces the inversion: an
+    exact reconstruction that prompt edits start from. Optimization per image, not a trained model."""
+
+    datasets: list[DatasetName] | None = Field(default_factory=lambda: ["star"])
+    """Datasets (of `base.datasets`) whose images are inverted; null: all of them."""
+
+    max_images: int = Field(default=4, ge=1)
+    """Invert at most this many images (the first ones of the datasets, in caption-file order)."""
+
+    num_inference_steps: int = Field(default=25, ge=2)
+    """DDIM steps of the inversion and of the reconstruction (one null embedding each)."""
+
+    guidance_scale: float = Field(default=7.5, ge=1.0)
+    """Classifier-free guidance scale of the reconstruction (and of edits); the inversion itself runs unguided."""
+
+    inner_steps: int = Field(default=10, ge=1)
+    """Adam steps on the null embedding at each timestep (the paper's N)."""
+
+    learning_rate: float = Field(default=0.1, gt=0.0)
+    """Adam's learning rate on the null embeddings, decaying by 1% per timestep (the paper uses 1e-2 on SD; on the tiny
+    world 0.1 brings 4 star images to 27.9 dB, against 15.6 dB for plain DDIM inversion and 28.1 dB for the VAE alone)."""
+
+    early_stop_epsilon: float = Field(default=1e-5, ge=0.0)
+    """Stop a timestep's inner steps once the latent error falls below this plus a little more at each timestep
+    (the paper's ε + i·2e-5); 0: always run every inner step."""
+
+
+CUSTOM_DIFFUSION_LAYERS = ("crossattn_kv", "crossattn")
+
+
+class CustomDiffusionConcept(Section):
+    """One concept of Custom Diffusion (an entry of `train.custom_diffusion.concepts`): the dataset that shows it and
+    the modifier token that names it."""
+
+    dataset: DatasetName = "star"
+    """The dataset (of `base.datasets`) whose images show the concept."""
+
+    modifier_token: str = "<new1>"
+    """The new token that names the concept in prompts (`a red <new1> shape`): a new row of the text encoder's token
+    embeddings, trained with the cross-attention (the reference's `--modifier_token`)."""
+
+    initializer_word: str = Field(default="shape", min_length=1)
+    """Word whose embedding starts the modifier token's (the first of its tokens, when it has several)."""
+
+    replace_word: str | None = "sks"
+    """The concept's trigger word in the dataset's captions, replaced by the modifier token (`a red sks shape` →
+    `a red <new1> shape`). Null (one concept only): the modifier token is put before every caption without it."""
+
+    @field_validator("modifier_token")
+    @classmethod
+    def _token_is_one_word(cls, token: str) -> str:
+        if not token or token != token.strip() or any(c.isspace() for c in token):
+            raise ValueError("modifier_token must be one word without spaces, e.g. <new1>")
+        return token
+
+
+class CustomDiffusionParams(MethodParams):
+    """Custom Diffusion (Kumari et al. 2023): trains the cross-attention key/value projections of the UNet and a
+    modifier token per concept, with a prior-preservation loss on class images. Saves diffusers' custom-diffusion
+    weights (`unet.load_attn_procs`) and one textual-inversion embedding per modifier token."""
+
+    datasets: list[DatasetName] | None = None
+    """Leave null: Custom Diffusion trains the datasets of its `concepts`, each with its own modifier token."""
+
+    max_steps: int = Field(default=300, ge=1)
+    """Optimizer steps to train (each on `train.common.batch_size` concept images and as many class images)."""
+
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    """The cross-attention weights' peak learning rate (after warmup). The reference's 1e-5 suits SD-sized models;
+    on the tiny world 2e-4–3e-3 all moved K/V by 20–60% of their norm."""
+
+    token_learning_rate: float = Field(default=5e-3, gt=0.0)
+    """The modifier tokens' peak learning rate: embeddings take larger rates than weights (textual inversion's)."""
+
+    freeze_model: Literal[CUSTOM_DIFFUSION_LAYERS] = "crossattn_kv"  # type: ignore[valid-type]
+    """What trains in every cross-attention layer (the reference's `--freeze_model`): `crossattn_kv`, the key and
+    value projections of the text features (the paper's choice: 5% of the UNet on SD); `crossattn`, also the query
+    and output projections."""
+
+    caption_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Share of the concept captions replaced by the empty caption, instead of
+    `train.common.caption_ops.caption_dropout` (null: that one). The trained K/V also compute the unconditional
+    prediction that classifier-free guidance subtracts; dropping captions trains it on the concept images (on the
+    tiny world 0.1 lowered prior preservation from 0.60 to 0.46 and did not help fidelity)."""
+
+    prior_loss_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of the class images' loss: loss = concept loss + this × class loss (the reference's 1.0). The class
+    images are the `class_images` stage's, made by `train.dreambooth.class_images` (shared with DreamBooth); 0 turns
+    prior preservation off (no class images are read)."""
+
+    concepts: list[CustomDiffusionConcept] = Field(default_factory=lambda: [CustomDiffusionConcept()], min_length=1)
+    """The concepts trained together (multi-concept Custom Diffusion), each a dataset with its own modifier token."""
+
+    @model_validator(mode="after")
+    def _concepts_are_distinct(self) -> CustomDiffusionParams:
+        key = "train.custom_diffusion"
+        if self.datasets is not None:
+            raise ValueError(
+                f"{key}.datasets must stay null: list each dataset as a concept (concepts[].dataset) with its "
+                "modifier token"
+            )
+        for field in ("dataset", "modifier_token", "replace_word"):
+            values = [getattr(concept, field) for concept in self.concepts if getattr(concept, field) is not None]
+            repeated = sorted({value for value in values if values.count(value) > 1})
+            if repeated:
+                raise ValueError(f"{key}.concepts: two concepts have the {field} {repeated[0]!r}; each needs its own")
+        if len(self.concepts) > 1 and any(concept.replace_word is None for concept in self.concepts):
+            raise ValueError(
+                f"{key}.concepts: with several concepts each needs a replace_word (the trigger word of its "
+                "captions), which tells whose modifier token a caption gets"
+            )
+        return self
 
 
 class TrainParams(Section):
@@ -384,6 +656,22 @@ class TrainParams(Section):
 
     lora: LoraParams = Field(default_factory=LoraParams)
     """LoRA / LoCon / DoRA / LoHa / LoKr adapters: a kohya/A1111 `.safetensors` LoRA (diffusers loads plain LoRA)."""
+
+    hypernetwork: HypernetworkParams = Field(default_factory=HypernetworkParams)
+    """A1111 hypernetwork: MLPs on the cross-attention context (an A1111 `.pt` and a `.safetensors` copy)."""
+
+    custom_diffusion: CustomDiffusionParams = Field(default_factory=CustomDiffusionParams)
+    """Custom Diffusion: cross-attention K/V and modifier tokens (diffusers `load_attn_procs` weights + embeddings)."""
+
+    aesthetic_gradient: AestheticGradientParams = Field(default_factory=AestheticGradientParams)
+    """Aesthetic gradients: a dataset's mean CLIP image embedding (A1111 `.pt`) that steers prompts when sampling."""
+
+    null_text_inversion: NullTextInversionParams = Field(default_factory=NullTextInversionParams)
+    """Null-text inversion: per image, its inverted noise and per-timestep null embeddings, for reconstruction and
+    prompt edits."""
+
+    dreamartist: DreamArtistParams = Field(default_factory=DreamArtistParams)
+    """DreamArtist: a positive and a negative embedding trained with guidance in the loss (two A1111 embeddings)."""
 
     @field_validator("methods")
     @classmethod

@@ -10,10 +10,10 @@ W + ΔW. How ΔW is made is the `algorithm` (through peft):
   from 2× LoRA's parameters;
 - `lokr` (LyCORIS): a Kronecker product w1 ⊗ w2 of two small matrices (w2 low-rank when the layer is wide).
 
-1. `setup` puts adapters on the UNet's attention projections (to_q, to_k, to_v, to_out.0 of every self- and
-   cross-attention); with `conv` also on its ResNet and down/upsampler convolutions (LoCon, at `conv_rank` and
-   `conv_alpha`); with `train_text_encoder` also on the CLIP text encoder's q/k/v/out_proj. Only the adapters
-   train.
+1. `setup` puts adapters on every linear layer of the UNet's transformer blocks, as kohya does (proj_in/proj_out,
+   to_q/to_k/to_v/to_out.0 of self- and cross-attention, the feed-forward layers); with `conv` also on its ResNet
+   and down/upsampler convolutions (LoCon, at `conv_rank` and `conv_alpha`); with `train_text_encoder` also on
+   the CLIP text encoder's q/k/v/out_proj. Only the adapters train.
 2. The training core (`sdpipe.training`) runs the diffusion loss on the captions as they are: the trigger word
    of the captions (`sks`) becomes the concept because the adapted cross-attention learns what it means. The text
    encoder's adapters train at their own rate (a second optimizer parameter group).
@@ -49,7 +49,7 @@ from sdpipe.training.loop import method_datasets
 
 LORA_FILE = "lora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-UNET_ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
+UNET_TRANSFORMER = ".attentions."  # the Transformer2DModel blocks of the down, mid and up blocks
 UNET_CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")
 TEXT_ENCODER_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
 MIXED_PRECISION = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}  # kohya's names
@@ -101,7 +101,7 @@ class Lora(TrainingMethod):
 
         self.started_at = timestamp()
         params = self.params
-        layers = {path: (params.rank, params.alpha) for path in unet_attention_layers(models.unet)}
+        layers = {path: (params.rank, params.alpha) for path in unet_transformer_layers(models.unet)}
         if params.conv:
             layers.update({path: (params.conv_rank, params.conv_alpha) for path in unet_conv_layers(models.unet)})
         self.configs["unet"] = adapter_config(params, layers)
@@ -190,13 +190,18 @@ class Lora(TrainingMethod):
         save_safetensors(tensors, folder / DIFFUSERS_FILE, metadata)
 
 
-def unet_attention_layers(unet: torch.nn.Module) -> list[str]:
-    """Module paths of the UNet's attention projections (to_q, to_k, to_v, to_out.0 of attn1 and attn2)."""
+def unet_transformer_layers(unet: torch.nn.Module) -> list[str]:
+    """Module paths of every linear (and 1x1 conv) layer of the UNet's transformer blocks: the attention projections,
+    the feed-forward layers and proj_in/proj_out (kohya's `Transformer2DModel` targets)."""
     return [
         path
         for path, module in unet.named_modules()
-        if isinstance(module, torch.nn.Linear) and path.endswith(UNET_ATTENTION)
+        if UNET_TRANSFORMER in path and (isinstance(module, torch.nn.Linear) or is_conv_1x1(module))
     ]
+
+
+def is_conv_1x1(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
 
 
 def unet_conv_layers(unet: torch.nn.Module) -> list[str]:

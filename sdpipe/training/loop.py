@@ -19,6 +19,7 @@ weights of an uninterrupted one: every random draw is a function of the seed and
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -173,8 +174,6 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
                         method, models, batch, captions, text_cache, noise_generator, common, accelerator, class_batch,
                         prior.loss_weight if prior is not None else 0.0,
                     )
-                    if not torch.isfinite(loss):
-                        raise diverged(loss, step, max_steps, key, method_params.learning_rate, out_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and common.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(parameters, common.max_grad_norm)
@@ -187,7 +186,11 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
             method.after_optimizer_step(models)
             if ema is not None:
                 ema.step(parameters)
+            # the one host-device sync of a step; a non-finite loss is caught here (not before the update, which
+            # would sync every micro-batch), before any checkpoint or sample, and on every process alike
             losses.append(accelerator.reduce(step_loss, reduction="mean").item())
+            if not math.isfinite(losses[-1]):
+                raise diverged(losses[-1], step, max_steps, key, method_params.learning_rate, out_dir)
             if prior is not None:
                 class_loss_mean = accelerator.reduce(step_class_loss, reduction="mean").item()
             done = step + 1
@@ -368,10 +371,10 @@ def diffusion_batch_loss(
 ) -> torch.Tensor:
     """The diffusion loss of a batch of latents: noise them at random timesteps, predict, compare."""
     device = accelerator.device
-    latents = latents.to(device)
-    noise = sample_noise(latents.shape, generator, common.noise_offset).to(device)
+    latents = to_device(latents, device)
+    noise = to_device(sample_noise(latents.shape, generator, common.noise_offset), device)
     low, high = timestep_range(common, models.noise_scheduler)
-    timesteps = sample_timesteps(len(latents), low, high, generator).to(device)
+    timesteps = to_device(sample_timesteps(len(latents), low, high, generator), device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(models.noise_scheduler, latents, noise, timesteps)
     with accelerator.autocast():
@@ -380,11 +383,17 @@ def diffusion_batch_loss(
     return diffusion_loss(prediction, target, timesteps, models.noise_scheduler, common.snr_gamma)
 
 
-def diverged(
-    loss: torch.Tensor, step: int, max_steps: int, key: str, learning_rate: float, out_dir: Path
-) -> SdpipeError:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a CPU tensor goes to CUDA from pinned memory without waiting (a copy from pageable
+    memory would make the host wait for the GPU to finish the previous step)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def diverged(loss: float, step: int, max_steps: int, key: str, learning_rate: float, out_dir: Path) -> SdpipeError:
     return SdpipeError(
-        f"{key}: the training loss became {loss.item()} at step {step + 1} of {max_steps}: the training diverged. "
+        f"{key}: the training loss became {loss} at step {step + 1} of {max_steps}: the training diverged. "
         f"Lower {key}.learning_rate (now {learning_rate:g}), or clip gradients with train.common.max_grad_norm. "
         f"No model was written to {out_dir / MODEL_DIR}"
     )

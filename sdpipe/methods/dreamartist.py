@@ -1,0 +1,190 @@
+"""DreamArtist (Dong et al. 2022): a positive and a negative embedding, trained together with guidance in the loss.
+
+Textual inversion (`sdpipe.methods.textual_inversion`) with a second, negative token, as A1111's DreamArtist
+extension trains it:
+
+1. `setup` adds the positive tokens `<sks>` (`<sks>_1`, … for several vectors) and the negative ones `<sks>-neg`
+   (`<sks>-neg_1`, …); the negative rows start from their initializer word plus a little noise, so that the two
+   embeddings start apart.
+2. Captions are rewritten as in textual inversion (`sks` → `<sks>`); the negative caption is the same caption with
+   the negative tokens in place of the positive ones.
+3. The UNet predicts the noise for both, and the loss compares the guided prediction
+   eps_neg + cfg_scale × (eps_pos − eps_neg) with the noise (min-SNR weighting and the rest from the training core):
+   the positive embedding learns what the concept is, the negative one what to steer away from.
+4. `save` writes `<name>.safetensors` and `<name>-neg.safetensors` (A1111/kohya: one key `emb_params`,
+   [num_vectors, hidden]), with A1111 `.pt` copies; `<name>` is the placeholder token without `<`, `>` (`sks`).
+   Use `<sks>` in the prompt and `<sks>-neg` in the negative prompt, at a guidance scale near `cfg_scale`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sdpipe.config.train import DreamArtistParams
+from sdpipe.errors import SdpipeError
+from sdpipe.formats.embeddings import Embedding, save_a1111_pt, save_safetensors_embedding
+from sdpipe.methods.textual_inversion import TextualInversion, checkpoint_hash
+from sdpipe.models.loading import load_pipeline
+from sdpipe.training import Models, run_training
+from sdpipe.training.rng import torch_generator
+
+NEGATIVE_SUFFIX = "-neg"
+NEGATIVE_INIT_NOISE = 1e-3  # the reference's: the negative vectors start at the initializer word plus this much noise
+
+
+def train(params, out_dir: Path) -> dict:
+    """The `train@dreamartist` stage: trains both embeddings and writes `<out_dir>/model/<name>[-neg].*`."""
+    method = DreamArtist(params.train.dreamartist, base_model=params.base.base_model, seed=params.base.seed)
+    return run_training(params, method, out_dir)
+
+
+def sampling_pipeline(params, model_dir: Path, device: torch.device):
+    """The base pipeline with both embeddings loaded as a user would (`load_textual_inversion`), whose negative prompt
+    defaults to the negative embedding (see `DreamArtistPipeline`), and the word that names the concept."""
+    settings = params.train.dreamartist
+    token, negative = settings.placeholder_token, negative_token(settings.placeholder_token)
+    stem = file_stem(token)
+    base = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
+    pipeline = DreamArtistPipeline.from_pipe(base)
+    pipeline.load_textual_inversion(str(model_dir / f"{stem}.safetensors"), token=token)
+    pipeline.load_textual_inversion(str(model_dir / f"{stem}{NEGATIVE_SUFFIX}.safetensors"), token=negative)
+    pipeline.positive_token, pipeline.negative_token = token, negative
+    return pipeline, token
+
+
+def negative_token(token: str) -> str:
+    """The negative embedding's token: `<sks>` → `<sks>-neg`."""
+    return token + NEGATIVE_SUFFIX
+
+
+def file_stem(token: str) -> str:
+    """The embedding's file name (A1111 names an embedding after its file): the token's letters, digits and `._-`."""
+    stem = "".join(c for c in token if c.isalnum() or c in "._-")
+    if not stem:
+        raise SdpipeError(
+            f"train.dreamartist.placeholder_token {token!r} has no letter or digit to name the embedding files with"
+        )
+    return stem
+
+
+def replace_token(text: str, token: str, replacement: str) -> str:
+    """`text` with every whole `token` (not `<sks>` inside `<sks>-neg` or `<sks>_1`) replaced by `replacement`."""
+    return re.sub(rf"{re.escape(token)}(?![\w-])", lambda _: replacement, text)
+
+
+class DreamArtistPipeline(StableDiffusionPipeline):
+    """A `StableDiffusionPipeline` that, when called without a negative prompt, uses for each prompt naming
+    `positive_token` that prompt with `negative_token` in its place (what the embeddings were trained with, and
+    what the reference samples its previews with); prompts without the token keep the empty negative prompt."""
+
+    positive_token = "<sks>"
+    negative_token = "<sks>-neg"
+
+    def __call__(self, prompt=None, *args, negative_prompt=None, **kwargs):
+        if negative_prompt is None and kwargs.get("negative_prompt_embeds") is None and prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negative_prompt = [self.negative_prompt(text) for text in prompts]
+        return super().__call__(prompt, *args, negative_prompt=negative_prompt, **kwargs)
+
+    def negative_prompt(self, prompt: str) -> str:
+        """The negative prompt of `prompt`: `a red <sks> shape` → `a red <sks>-neg shape`; `a red circle` → ``."""
+        negative = replace_token(prompt, self.positive_token, self.negative_token)
+        return negative if negative != prompt else ""
+
+
+class DreamArtist(TextualInversion):
+    """Trains a positive and a negative embedding (new rows of the token-embedding matrix); the models stay frozen."""
+
+    name = "dreamartist"
+
+    def __init__(self, params: DreamArtistParams, base_model: str, seed: int = 0):
+        super().__init__(params, base_model)  # the positive tokens and their caption rewriting
+        self.seed = seed
+        self.file_stem = file_stem(params.placeholder_token)
+        self.positive_tokens = self.tokens
+        negative = negative_token(params.placeholder_token)
+        self.negative_tokens = [negative] + [f"{negative}_{i}" for i in range(1, params.negative_num_vectors)]
+        self.negative_text = " ".join(self.negative_tokens)
+        self.tokens = self.positive_tokens + self.negative_tokens  # what `TextualInversion.setup` adds
+        self.negative_rows_before_step: torch.Tensor | None = None
+
+    def setup(self, models: Models) -> None:
+        """Adds both embeddings: the positive one from `initializer_word`, the negative one from
+        `negative_initializer_word` plus noise."""
+        super().setup(models)
+        positive_ids = self.token_ids[: len(self.positive_tokens)]
+        self.negative_ids = self.token_ids[len(self.positive_tokens) :]
+        negative_word = self.params.negative_initializer_word or self.params.initializer_word
+        generator = torch_generator(self.seed, "dreamartist negative embedding")
+        with torch.no_grad():
+            self.initialize(models.tokenizer, positive_ids, self.params.initializer_word, "initializer_word")
+            self.initialize(models.tokenizer, self.negative_ids, negative_word, "negative_initializer_word")
+            noise = torch.randn(len(self.negative_ids), self.embeddings.shape[1], generator=generator)
+            self.embeddings[self.negative_ids] += NEGATIVE_INIT_NOISE * noise.to(self.embeddings.dtype)
+
+    def initialize(self, tokenizer, token_ids: list[int], word: str, key: str) -> None:
+        """Starts the rows `token_ids` from the embeddings of `word`'s tokens, spread over them as A1111 does."""
+        init_ids = tokenizer(word, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise SdpipeError(f"{self.params_key}.{key} {word!r} gives no tokens; use a word")
+        for vector, token_id in enumerate(token_ids):
+            self.embeddings[token_id] = self.original_embeddings[init_ids[vector * len(init_ids) // len(token_ids)]]
+
+    def negative_caption(self, caption: str) -> str:
+        """The caption with the negative tokens in place of the positive ones (the reference's `uc`)."""
+        return replace_token(caption, self.placeholder_text, self.negative_text)
+
+    def encode_text(self, models: Models, captions: list[str]) -> torch.Tensor:
+        """The positive and the negative captions' hidden states side by side: [batch, 2 × tokens, hidden]."""
+        if torch.is_grad_enabled():  # a training step follows: remember the negative rows (`after_optimizer_step`)
+            self.negative_rows_before_step = self.embeddings.detach()[self.negative_ids].clone()
+        negatives = [self.negative_caption(caption) for caption in captions]
+        positive, negative = super().encode_text(models, captions + negatives).chunk(2)
+        return torch.cat([positive, negative], dim=1)
+
+    def predict(
+        self, models: Models, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """The guided prediction eps_neg + cfg_scale × (eps_pos − eps_neg), both from one UNet call."""
+        positive, negative = encoder_hidden_states.chunk(2, dim=1)
+        both = models.unet(
+            torch.cat([noisy_latents, noisy_latents]),
+            torch.cat([timesteps, timesteps]),
+            torch.cat([positive, negative]),
+            return_dict=False,
+        )[0]
+        positive_prediction, negative_prediction = both.chunk(2)
+        return negative_prediction + self.params.cfg_scale * (positive_prediction - negative_prediction)
+
+    def after_optimizer_step(self, models: Models) -> None:
+        super().after_optimizer_step(models)  # every other row back to its original value
+        rate = self.params.negative_learning_rate
+        if rate is None or rate == self.params.learning_rate or self.negative_rows_before_step is None:
+            return
+        # AdamW's update is proportional to the learning rate (its moments do not depend on it), so scaling the
+        # negative rows' update is exactly training them at their own rate, in the one embedding matrix.
+        with torch.no_grad():
+            before = self.negative_rows_before_step.to(self.embeddings.device)
+            update = self.embeddings[self.negative_ids] - before
+            self.embeddings[self.negative_ids] = before + (rate / self.params.learning_rate) * update
+
+    def save(self, models: Models, folder: Path, step: int) -> None:
+        vectors = self.learned_vectors()
+        fields = {
+            "step": str(step),
+            "sd_checkpoint": checkpoint_hash(self.base_model),
+            "sd_checkpoint_name": Path(self.base_model).stem,
+        }
+        positive_count = len(self.positive_tokens)
+        files = (
+            (self.file_stem, self.positive_tokens[0], vectors[:positive_count]),
+            (self.file_stem + NEGATIVE_SUFFIX, self.negative_tokens[0], vectors[positive_count:]),
+        )
+        for stem, token, rows in files:
+            embedding = Embedding(rows.contiguous(), token, fields)
+            save_safetensors_embedding(embedding, folder / f"{stem}.safetensors")
+            save_a1111_pt(embedding, folder / f"{stem}.pt")

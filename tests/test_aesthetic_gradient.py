@@ -1,0 +1,134 @@
+"""Aesthetic gradients: the embedding file, and the steering of prompts at sampling time, on the random tiny world."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from sdpipe.config import parse_params
+from sdpipe.io import write_jsonl
+from sdpipe.methods import aesthetic_gradient
+from sdpipe.methods.aesthetic_gradient import CLIPImageProcessor
+from sdpipe.models.loading import load_pipeline
+from sdpipe.tinyworld import scoring
+
+IMAGES = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_sd_dir):
+    """A copy of the random base with a CLIP model beside it (`clip/`), a prepared `outlined` dataset, the stage run."""
+    root = tmp_path_factory.mktemp("aesthetic")
+    base = root / "base"
+    shutil.copytree(tiny_sd_dir, base)
+    text_config = CLIPTextConfig.from_pretrained(base / "text_encoder")
+    vision_config = CLIPVisionConfig.from_pretrained(base / "image_encoder")
+    torch.manual_seed(1)
+    clip_config = CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=vision_config.projection_dim
+    )
+    CLIPModel(clip_config).save_pretrained(base / "clip")
+
+    prepared = root / "prepared" / "outlined"
+    (prepared / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(IMAGES):
+        image_id = f"outlined_{index:02d}"
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(prepared / "images" / f"{image_id}.png")
+        rows.append({"id": image_id, "file": f"images/{image_id}.png", "width": 32, "height": 32, "caption": "x"})
+    write_jsonl(prepared / "manifest.jsonl", rows)
+
+    def make_params(**settings):
+        return parse_params(
+            {
+                "paths": {"prepared": f"{root}/prepared", "train": f"{root}/train"},
+                "base": {"base_model": str(base), "datasets": ["outlined"], "device": "cpu"},
+                "train": {"methods": ["aesthetic_gradient"], "aesthetic_gradient": settings},
+            }
+        )
+
+    out_dir = root / "train" / "aesthetic_gradient"
+    aesthetic_gradient.train(make_params(), out_dir)
+    return {"root": root, "base": base, "out_dir": out_dir, "prepared": prepared, "params": make_params}
+
+
+def test_embedding_is_the_normalized_mean_image_embedding(world):
+    model = CLIPVisionModelWithProjection.from_pretrained(world["base"] / "image_encoder")
+    processor = CLIPImageProcessor.from_pretrained(world["base"] / "feature_extractor")
+    images = [Image.open(path).convert("RGB") for path in sorted((world["prepared"] / "images").glob("*.png"))]
+    with torch.no_grad():
+        features = model(pixel_values=processor(images=images, return_tensors="pt").pixel_values).image_embeds
+    expected = features.mean(0, keepdim=True)
+    expected = expected / expected.norm()
+
+    model_dir = world["out_dir"] / "model"
+    a1111 = torch.load(model_dir / "outlined.pt", weights_only=True)  # the extension's layout: a bare tensor
+    assert isinstance(a1111, torch.Tensor) and a1111.shape == (1, model.config.projection_dim)
+    torch.testing.assert_close(a1111, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(load_file(model_dir / "outlined.safetensors")["aesthetic_embedding"], a1111)
+    metrics = json.loads((world["out_dir"] / "metrics.json").read_text())
+    assert metrics["images"] == IMAGES and metrics["embedding_dim"] == model.config.projection_dim
+
+
+def test_weight_zero_leaves_the_conditioning_unchanged(world):
+    params = world["params"](aesthetic_weight=0.0, aesthetic_steps=3, aesthetic_lr=1e-2)
+    device = torch.device("cpu")
+    pipeline, trigger = aesthetic_gradient.sampling_pipeline(params, world["out_dir"] / "model", device)
+    base = load_pipeline(str(world["base"]))
+    prompts = ["a red circle", "a blue square"]
+    steered = pipeline.encode_prompt(prompts, device, 2, True)
+    plain = base.encode_prompt(prompts, device, 2, True)
+    assert trigger == params.evaluate.trigger
+    for ours, theirs in zip(steered, plain):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_steering_moves_prompts_toward_the_embedding(world):
+    params = world["params"](aesthetic_weight=0.5, aesthetic_steps=4, aesthetic_lr=1e-2)
+    device = torch.device("cpu")
+    pipeline, _ = aesthetic_gradient.sampling_pipeline(params, world["out_dir"] / "model", device)
+    before = {name: p.detach().clone() for name, p in pipeline.text_encoder.named_parameters()}
+    projection, embedding = pipeline.aesthetic_projection, pipeline.aesthetic
+    input_ids = pipeline.tokenizer("a red circle", padding="max_length", max_length=pipeline.tokenizer.model_max_length,
+                                   return_tensors="pt").input_ids
+
+    def similarity(encoder) -> float:
+        with torch.no_grad():
+            text = projection(encoder(input_ids).pooler_output)
+        return float(torch.nn.functional.normalize(text, dim=-1) @ embedding.T)
+
+    tuned = aesthetic_gradient.tuned_text_encoder(pipeline.text_encoder, projection, input_ids, embedding, 4, 1e-2)
+    steered, _ = pipeline.encode_prompt(["a red circle"], device, 1, False)
+    assert similarity(tuned) > similarity(pipeline.text_encoder)
+    for name, parameter in pipeline.text_encoder.named_parameters():  # the pipeline's own encoder is untouched
+        torch.testing.assert_close(parameter, before[name])
+    plain, _ = load_pipeline(str(world["base"])).encode_prompt(["a red circle"], device, 1, False)
+    assert not torch.allclose(steered, plain)
+
+    # the pipeline works as the evaluate stage calls it, and the same prompt is steered the same way
+    images = scoring.sample(pipeline, ["a red circle", "a red circle"], [0], steps=2, batch_size=2)
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))

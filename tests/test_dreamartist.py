@@ -1,0 +1,176 @@
+"""DreamArtist: the guided loss, a short run on the random tiny-world pipeline, its two embeddings and its sampling."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+from sdpipe.config import parse_params
+from sdpipe.config.train import DreamArtistParams
+from sdpipe.errors import SdpipeError
+from sdpipe.methods import dreamartist
+from sdpipe.methods.dreamartist import DreamArtist
+from sdpipe.tinyworld import scoring
+from sdpipe.training import CHECKPOINTS_DIR, MODEL_DIR
+from sdpipe.training.checkpoints import list_checkpoints
+from sdpipe.training.loop import diffusion_batch_loss, load_models
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_params(root, tiny_sd_dir, **settings):
+    return parse_params(
+        {
+            "paths": {"latents": f"{root}/latents", "captions": f"{root}/captions", "train": f"{root}/train"},
+            "base": {"base_model": str(tiny_sd_dir), "datasets": ["star"], "device": "cpu"},
+            "train": {
+                "methods": ["dreamartist"],
+                "common": {"batch_size": 2, "checkpoint_every": 2, "sample_every": 0},
+                "dreamartist": settings,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_sd_dir, write_star_dataset):
+    """A 3-step run, 2 positive and 3 negative vectors; returns (params, the stage's output folder)."""
+    root = tmp_path_factory.mktemp("dreamartist")
+    write_star_dataset(root)
+    params = make_params(root, tiny_sd_dir, max_steps=STEPS, num_vectors=2, negative_num_vectors=3, learning_rate=0.05)
+    out_dir = root / "train" / "dreamartist"
+    dreamartist.train(params, out_dir)
+    return params, out_dir
+
+
+def setup_method(tiny_sd_dir, **settings):
+    params = parse_params({"base": {"base_model": str(tiny_sd_dir), "device": "cpu"}})
+    models = load_models(params.base, torch.device("cpu"))
+    method = DreamArtist(DreamArtistParams(**settings), base_model=str(tiny_sd_dir))
+    method.setup(models)
+    return method, models
+
+
+def test_negative_captions_name_the_negative_tokens():
+    method = DreamArtist(DreamArtistParams(num_vectors=2, negative_num_vectors=2), base_model="unused")
+    caption = method.caption("a small blue sks shape")
+    assert caption == "a small blue <sks> <sks>_1 shape"
+    assert method.negative_caption(caption) == "a small blue <sks>-neg <sks>-neg_1 shape"
+    assert method.negative_caption("") == ""
+    with pytest.raises(SdpipeError, match="placeholder_token '<>' has no letter"):
+        DreamArtist(DreamArtistParams(placeholder_token="<>"), base_model="unused")
+
+
+def test_the_loss_is_the_guided_prediction_against_the_noise(tiny_sd_dir):
+    method, models = setup_method(tiny_sd_dir, cfg_scale=3.0, negative_initializer_word="circle")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    captions = [method.caption("a red sks shape"), method.caption("a blue sks shape")]
+    common = parse_params({}).train.common.model_copy(update={"snr_gamma": None})
+    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
+    loss = diffusion_batch_loss(
+        method, models, latents, captions, None, torch.Generator().manual_seed(7), common, accelerator
+    )
+
+    # The same draws, then the guidance written out with two separate UNet calls.
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (2,), generator=generator)
+    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    def eps(texts):
+        ids = models.tokenizer(texts, padding="max_length", max_length=models.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids
+        return models.unet(noisy, timesteps, models.text_encoder(ids)[0]).sample
+
+    negative_captions = ["a red <sks>-neg shape", "a blue <sks>-neg shape"]
+    eps_pos, eps_neg = eps(captions), eps(negative_captions)
+    assert not torch.allclose(eps_pos, eps_neg)
+    expected = F.mse_loss(eps_neg + 3.0 * (eps_pos - eps_neg), noise)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, F.mse_loss(eps_pos, noise))
+
+
+def test_the_negative_rows_train_at_their_own_rate(tiny_sd_dir):
+    method, models = setup_method(tiny_sd_dir, learning_rate=0.01, negative_learning_rate=0.0025)
+    positive_id, negative_id = method.token_ids
+    with torch.enable_grad():
+        method.encode_text(models, [method.caption("a sks shape")])  # what a training step does first
+    before = method.embeddings.detach().clone()
+    with torch.no_grad():
+        method.embeddings[[positive_id, negative_id]] += 1.0  # what the optimizer would do at the common rate
+    method.after_optimizer_step(models)
+    after = method.embeddings.detach()
+    torch.testing.assert_close(after[positive_id], before[positive_id] + 1.0)
+    torch.testing.assert_close(after[negative_id], before[negative_id] + 0.25)
+
+
+def test_only_the_new_embedding_rows_change(trained, tiny_sd_dir):
+    _, out_dir = trained
+    base = CLIPTextModel.from_pretrained(tiny_sd_dir / "text_encoder").get_input_embeddings().weight.detach()
+    [(_, checkpoint)] = list_checkpoints(out_dir / CHECKPOINTS_DIR)
+    state = load_file(str(checkpoint / "model.safetensors"))
+    [after] = [tensor for key, tensor in state.items() if key.endswith("token_embedding.weight")]
+    assert after.shape == (len(base) + 5, base.shape[1])
+    assert torch.equal(after[: len(base)], base)
+    positive = load_file(str(out_dir / MODEL_DIR / "sks.safetensors"))["emb_params"]
+    negative = load_file(str(out_dir / MODEL_DIR / "sks-neg.safetensors"))["emb_params"]
+    assert positive.shape == (2, 64) and negative.shape == (3, 64)
+    assert not torch.equal(after[len(base) : len(base) + 2], positive)  # step 2 (checkpoint) vs step 3 (output)
+    assert not torch.equal(after[len(base) + 2 :], negative)
+
+
+def test_both_embeddings_load_in_diffusers_and_a1111(trained, tiny_sd_dir):
+    _, out_dir = trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    for stem, token, count in (("sks", "<sks>", 2), ("sks-neg", "<sks>-neg", 3)):
+        path = out_dir / MODEL_DIR / f"{stem}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            assert list(f.keys()) == ["emb_params"]
+            learned = f.get_tensor("emb_params")
+        assert learned.shape == (count, 64)
+        pipe.load_textual_inversion(str(path), token=token)
+        ids = pipe.tokenizer.convert_tokens_to_ids([token] + [f"{token}_{i}" for i in range(1, count)])
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight.detach()[ids], learned)
+        a1111 = torch.load(out_dir / MODEL_DIR / f"{stem}.pt", weights_only=True)
+        assert a1111["name"] == token and a1111["step"] == STEPS
+        assert torch.equal(a1111["string_to_param"]["*"], learned)
+    # The prompt `<sks>-neg` names the negative tokens only, not `<sks>`.
+    negative = pipe.maybe_convert_prompt("a <sks>-neg shape", pipe.tokenizer)
+    assert negative == "a <sks>-neg <sks>-neg_1 <sks>-neg_2 shape"
+    assert not set(pipe.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])) & set(pipe.tokenizer(negative).input_ids)
+
+
+def test_sampling_uses_the_negative_embedding(trained):
+    params, out_dir = trained
+    pipeline, trigger = dreamartist.sampling_pipeline(params, out_dir / MODEL_DIR, torch.device("cpu"))
+    assert trigger == "<sks>"
+    pipeline.set_progress_bar_config(disable=True)
+    seen = []
+    encode_prompt = pipeline.encode_prompt
+
+    def recording(prompt, device, images_per_prompt, guided, negative_prompt=None, **kwargs):
+        seen.append(negative_prompt)
+        return encode_prompt(prompt, device, images_per_prompt, guided, negative_prompt, **kwargs)
+
+    pipeline.encode_prompt = recording
+    guided = scoring.sample(pipeline, ["a red <sks> shape", "a red circle"], seeds=[0], steps=2)  # as evaluate samples
+    assert seen == [["a red <sks>-neg shape", ""]]
+    plain = pipeline(["a red <sks> shape"], num_inference_steps=2, height=32, width=32, negative_prompt=[""],
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert guided[0].tobytes() != plain.tobytes()  # the negative embedding changes the image
