@@ -36,7 +36,10 @@ def validate(params: Path = typer.Argument(Path("params.yaml"), help="The params
 
 @app.command()
 def sample(
-    prompt: str = typer.Option(..., "--prompt", help="What to draw."),
+    prompt: str | None = typer.Option(None, "--prompt", help="What to draw."),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help="A text file with one prompt per line: writes <out>-000.png, <out>-001.png, ..."
+    ),
     out: Path = typer.Option(Path("sample.png"), "--out", help="The PNG to write."),
     onnx: Path | None = typer.Option(
         None, "--onnx", help="An ONNX export folder (<paths.export>/onnx/<name>): run it with onnxruntime."
@@ -44,47 +47,96 @@ def sample(
     model: str | None = typer.Option(
         None, "--model", help="A diffusers folder, .safetensors checkpoint or hub id: run it with PyTorch."
     ),
+    method: str | None = typer.Option(
+        None,
+        "--method",
+        help="A method this project trained (train@<method>): the base model with its files loaded as a user would "
+        "(embedding, LoRA, hypernetwork, ...), at the strengths params.yaml gives.",
+    ),
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="The params file, for --method."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial latents (same seed, same image in both runtimes)."),
     steps: int = typer.Option(25, "--steps", min=1, help="Sampling steps."),
     guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance (1 turns it off)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="What to steer away from."),
 ) -> None:
-    """Generates one image from an ONNX export (onnxruntime: CUDA when present, else the CPU) or a PyTorch model."""
+    """Generates images from an ONNX export (onnxruntime: CUDA when present, else the CPU), a PyTorch model or a
+    trained method. Each PNG carries its generation parameters in a `parameters` text chunk, as A1111 writes them."""
     from sdpipe.errors import SdpipeError
     from sdpipe.export.onnx_pipeline import to_pil
     from sdpipe.io import atomic_path
 
-    if (onnx is None) == (model is None):
-        console.print("[bold red]give exactly one of --onnx (an ONNX export folder) or --model (a PyTorch model)[/]")
+    if sum(source is not None for source in (onnx, model, method)) != 1:
+        console.print("[bold red]give exactly one of --onnx (an ONNX export), --model (a PyTorch model) or --method[/]")
+        raise typer.Exit(2)
+    if (prompt is None) == (prompt_file is None):
+        console.print("[bold red]give exactly one of --prompt and --prompt-file[/]")
         raise typer.Exit(2)
     try:
+        prompts = [prompt] if prompt is not None else read_prompt_file(prompt_file)
         if onnx is not None:
             from sdpipe.export.onnx_pipeline import OnnxStableDiffusion
 
             runner = OnnxStableDiffusion(onnx)
             options = dict(seed=seed, steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
-            images = runner(prompt, **options)
-            runtime = f"onnxruntime ({runner.providers[0]})"
+            generate = lambda text: runner(text, **options)  # noqa: E731
+            runtime, model_name = f"onnxruntime ({runner.providers[0]})", onnx.name
         else:
-            images, runtime = torch_sample(model, prompt, seed, steps, guidance_scale, negative_prompt)
+            pipe, runtime, model_name = torch_pipeline(model, method, params_file)
+            generate = lambda text: torch_sample(pipe, text, seed, steps, guidance_scale, negative_prompt)  # noqa: E731
+        for index, text in enumerate(prompts):
+            image = to_pil(generate(text))[0]
+            path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{index:03d}{out.suffix or '.png'}")
+            info = a1111_parameters(text, negative_prompt, steps, guidance_scale, seed, image.size, model_name)
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG", pnginfo=info)
+            console.print(f"[green]{escape(str(path))}[/]: {escape(repr(text))}, seed {seed}, {steps} steps, {runtime}")
     except SdpipeError as error:
-        console.print(f"[bold red]{escape(str(error))}[/]", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    with atomic_path(out) as tmp:
-        to_pil(images)[0].save(tmp, format="PNG")
-    console.print(f"[green]{escape(str(out))}[/]: {escape(repr(prompt))}, seed {seed}, {steps} steps, {runtime}")
+        raise fail(error) from None
 
 
-def torch_sample(model: str, prompt: str, seed: int, steps: int, guidance_scale: float, negative_prompt: str):
-    """The PyTorch pipeline's image with latents drawn like the ONNX runner's (a CPU generator seeded with `seed`)."""
-    import torch
+def read_prompt_file(path: Path) -> list[str]:
+    from sdpipe.errors import SdpipeError
 
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise SdpipeError(f"--prompt-file {path}: cannot read it ({error})") from None
+    if not prompts:
+        raise SdpipeError(f"--prompt-file {path}: no prompts (one per line expected)")
+    return prompts
+
+
+def torch_pipeline(model: str | None, method: str | None, params_file: Path):
+    """The PyTorch pipeline of `--model`, or of `--method` (loaded by the method's `sampling_pipeline`)."""
+    import importlib
+
+    from sdpipe.config.train import METHODS
+    from sdpipe.errors import SdpipeError
     from sdpipe.models.loading import load_pipeline, resolve_device
 
     device = resolve_device("auto")
-    pipe = load_pipeline(model, device=device, key="--model")
+    if model is not None:
+        return load_pipeline(model, device=device, key="--model"), f"PyTorch ({device})", Path(model).name
+    if method not in METHODS:
+        raise SdpipeError(f"--method {method!r}: not a training method (one of {', '.join(METHODS)})")
+    try:
+        params = load_params(params_file)
+    except ParamsError as error:
+        raise SdpipeError(f"{error.source}: {'; '.join(error.problems)}") from None
+    model_dir = Path(params.paths.train) / method / "model"
+    if not model_dir.is_dir():
+        raise SdpipeError(f"--method {method}: {model_dir} does not exist; run `dvc repro train@{method}` first")
+    pipe, trigger = importlib.import_module(f"sdpipe.methods.{method}").sampling_pipeline(params, model_dir, device)
+    console.print(f"{method}: the concept's word in prompts is {escape(repr(trigger))}", highlight=False)
+    return pipe, f"PyTorch ({device})", method
+
+
+def torch_sample(pipe, prompt: str, seed: int, steps: int, guidance_scale: float, negative_prompt: str):
+    """The PyTorch pipeline's image with latents drawn like the ONNX runner's (a CPU generator seeded with `seed`)."""
+    import torch
+
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(
+    return pipe(
         prompt,
         negative_prompt=negative_prompt,
         num_inference_steps=steps,
@@ -92,7 +144,20 @@ def torch_sample(model: str, prompt: str, seed: int, steps: int, guidance_scale:
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
     ).images
-    return images, f"PyTorch ({device})"
+
+
+def a1111_parameters(prompt, negative_prompt, steps, guidance_scale, seed, size, model_name):
+    """The PNG `parameters` text chunk A1111 writes (and its PNG Info tab, ComfyUI and civitai read)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    width, height = size
+    lines.append(f"Steps: {steps}, CFG scale: {guidance_scale}, Seed: {seed}, Size: {width}x{height}, Model: {model_name}")
+    info = PngInfo()
+    info.add_text("parameters", "\n".join(lines))
+    return info
 
 
 def fail(error: Exception) -> typer.Exit:

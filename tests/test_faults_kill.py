@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,13 @@ def write_project(root: Path, base_model: Path, write_star_dataset) -> Path:
         "base": {"base_model": str(base_model), "datasets": ["star"], "device": "cpu"},
         "train": {
             "methods": ["textual_inversion"],
-            "common": {"batch_size": 2, "checkpoint_every": 2, "keep_checkpoints": 2, "sample_every": 0},
+            "common": {
+                "batch_size": 2,
+                "checkpoint_every": 2,
+                "keep_checkpoints": 2,
+                "sample_every": 10,
+                "sample_steps": 2,
+            },
             "textual_inversion": {"datasets": ["star"], "max_steps": MAX_STEPS},
         },
     }
@@ -81,14 +88,18 @@ def test_a_killed_train_stage_resumes_and_ends_as_an_uninterrupted_run(tmp_path,
     assert not (out_dir / "model").exists() and not (out_dir / "metrics.json").exists()
     assert not [path for path in out_dir.rglob("*tmp*") if "checkpoints" not in path.relative_to(out_dir).parts]
 
+    # `dvc repro` deletes a stage's outputs before running it again: the checkpoint must bring their history back.
+    for output in ("live", "samples"):
+        shutil.rmtree(out_dir / output, ignore_errors=True)
     rerun = subprocess.run(train_command(), cwd=tmp_path / "b", env=environment(), check=True, capture_output=True)
     log = " ".join((rerun.stdout + rerun.stderr).decode().split())  # rich may wrap lines
     assert f"(step {max(saved_steps)} of {MAX_STEPS})" in log, "the rerun did not resume from the last checkpoint"
     loss_rows = (out_dir / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
     assert [int(row.split("\t")[0]) for row in loss_rows] == list(range(1, MAX_STEPS + 1))  # one row per step
     resumed, expected = outputs(out_dir), outputs(uninterrupted)
-    for name in ("model/embedding.safetensors", "model/embedding.pt", "metrics.json"):
-        assert resumed.get(name) is not None, name
+    assert {"model/embedding.safetensors", "model/embedding.pt", "metrics.json", "samples/step-000040.png"} <= set(expected)
+    assert resumed.keys() == expected.keys()
+    for name in expected:  # the model, the metrics, every sample and every DVCLive row
         assert resumed[name] == expected[name], f"{name} differs from the uninterrupted run's"
 
 

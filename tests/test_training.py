@@ -247,9 +247,14 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tin
     (tmp_path / "resumed" / CHECKPOINTS_DIR).mkdir(parents=True)
     checkpoint = Path(CHECKPOINTS_DIR) / "step-000002"
     shutil.copytree(tmp_path / "full" / checkpoint, tmp_path / "resumed" / checkpoint)
+    # The checkpoint carries the metrics logged so far; mark step 1's row to see that it is restored, not rerun.
+    saved_loss = tmp_path / "resumed" / checkpoint / "history" / "live" / "plots" / "metrics" / "loss.tsv"
+    header, first, *rest = saved_loss.read_text().splitlines()
+    saved_loss.write_text("\n".join([header, "1\t123.0", *rest]) + "\n")
     run_training(params, toy(4), tmp_path / "resumed")
     loss_rows = (tmp_path / "resumed" / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
-    assert [row.split("\t")[0] for row in loss_rows] == ["3", "4"]  # it did resume: steps 1-2 were not run
+    assert [row.split("\t")[0] for row in loss_rows] == ["1", "2", "3", "4"]
+    assert loss_rows[0] == "1\t123.0"  # it did resume: steps 1-2 were not run again
     full, resumed = output_files(tmp_path / "full"), output_files(tmp_path / "resumed")
     assert full["model/conv_in.safetensors"] == resumed["model/conv_in.safetensors"]
     assert full["metrics.json"] == resumed["metrics.json"]

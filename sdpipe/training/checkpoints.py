@@ -102,8 +102,17 @@ def latest_checkpoint(checkpoints_dir: Path, fingerprint: str) -> tuple[Path, di
     return latest
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, run_info: dict, keep: int) -> Path:
-    """Saves the training state after `step` optimizer steps (call on every process); keeps the last `keep`."""
+HISTORY_DIR = "history"
+"""Inside a checkpoint: copies of the run's outputs so far (DVCLive metrics, sample images). `dvc repro` deletes a
+stage's outputs before it runs the stage again, so a resumed run restores them from here and ends with the same
+files as an uninterrupted one."""
+
+
+def save_checkpoint(
+    accelerator, checkpoints_dir: Path, step: int, run_info: dict, keep: int, history: dict[str, Path] | None = None
+) -> Path:
+    """Saves the training state after `step` optimizer steps (call on every process); keeps the last `keep`.
+    `history` ({name: folder}) are output folders copied into the checkpoint (`restore_history` puts them back)."""
     final = checkpoint_path(checkpoints_dir, step)
     tmp = final.parent / f".{final.name}.tmp"
     if accelerator.is_main_process:
@@ -112,6 +121,9 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, run_info: dic
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
+        for name, folder in (history or {}).items():
+            if Path(folder).is_dir():
+                shutil.copytree(folder, tmp / HISTORY_DIR / name)
         write_json(tmp / RUN_FILE, {**run_info, "step": step})
         if final.exists():
             shutil.rmtree(final)
@@ -120,3 +132,12 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, run_info: dic
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def restore_history(checkpoint: Path, history: dict[str, Path]) -> None:
+    """Replaces each output folder of `history` ({name: folder}) with its copy in `checkpoint`, when it has one."""
+    for name, folder in history.items():
+        saved = Path(checkpoint) / HISTORY_DIR / name
+        if saved.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(saved, folder)

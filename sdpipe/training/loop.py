@@ -42,7 +42,13 @@ from sdpipe.models.loading import (
     resolve_dtype,
 )
 from sdpipe.progress import log, track
-from sdpipe.training.checkpoints import latest_checkpoint, remove_stale_checkpoints, run_fingerprint, save_checkpoint
+from sdpipe.training.checkpoints import (
+    latest_checkpoint,
+    remove_stale_checkpoints,
+    restore_history,
+    run_fingerprint,
+    save_checkpoint,
+)
 from sdpipe.training.data import Batch, LatentBatches, load_examples
 from sdpipe.training.diffusion import diffusion_loss, prediction_target, sample_noise, sample_timesteps
 from sdpipe.training.ema import Ema
@@ -138,6 +144,7 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
     checkpoints_dir = out_dir / CHECKPOINTS_DIR
     fingerprint = run_fingerprint(method.name, method_params, params, input_files)
     start_step, losses = 0, []
+    history = {LIVE_DIR: out_dir / LIVE_DIR, SAMPLES_DIR: out_dir / SAMPLES_DIR}  # what a checkpoint carries
     if accelerator.is_main_process:
         remove_stale_checkpoints(checkpoints_dir, fingerprint if common.resume else None)
     accelerator.wait_for_everyone()
@@ -146,6 +153,8 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
         checkpoint, run_info = resumable
         accelerator.load_state(str(checkpoint))
         start_step, losses = run_info["step"], list(run_info["losses"])
+        if accelerator.is_main_process:
+            restore_history(checkpoint, history)
         log(f"train {method.name}: resuming from {checkpoint} (step {start_step} of {max_steps})")
     live = start_live(out_dir, start_step) if accelerator.is_main_process else None
 
@@ -212,7 +221,7 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
                     save_samples(method, models, vae, accelerator, common, seed, sample_path)
             if common.checkpoint_every and done % common.checkpoint_every == 0 and done < max_steps:
                 run_info = {"fingerprint": fingerprint, "losses": losses}
-                save_checkpoint(accelerator, checkpoints_dir, done, run_info, common.keep_checkpoints)
+                save_checkpoint(accelerator, checkpoints_dir, done, run_info, common.keep_checkpoints, history)
     finally:
         if live is not None:
             live.end()
@@ -457,6 +466,6 @@ def trim_live_history(live_dir: Path, last_step: int) -> None:
             continue
         kept = [row for row in rows if int(row["step"]) <= last_step]
         with tsv.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
+            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t", lineterminator="\n")  # as DVCLive writes
             writer.writeheader()
             writer.writerows(kept)
