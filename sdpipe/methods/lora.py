@@ -180,10 +180,10 @@ class Lora(TrainingMethod):
         from peft.utils import get_peft_model_state_dict
 
         layers = {"unet_lora_layers": get_peft_model_state_dict(models.unet)}
-        configs = {"unet_lora_adapter_metadata": self.configs["unet"].to_dict()}
+        configs = {"unet_lora_adapter_metadata": adapter_metadata(self.configs["unet"])}
         if "text_encoder" in self.configs:
             layers["text_encoder_lora_layers"] = get_peft_model_state_dict(models.text_encoder)
-            configs["text_encoder_lora_adapter_metadata"] = self.configs["text_encoder"].to_dict()
+            configs["text_encoder_lora_adapter_metadata"] = adapter_metadata(self.configs["text_encoder"])
         StableDiffusionPipeline.save_lora_weights(folder, weight_name=DIFFUSERS_FILE, **layers, **configs)
         # Written again with a sorted header: diffusers' file bytes change from one process to the next.
         tensors, metadata = load_kohya_lora(folder / DIFFUSERS_FILE)
@@ -299,6 +299,16 @@ def run_metadata(params, datasets: list[str]) -> dict[str, str]:
         "modelspec.resolution": f"{params.base.resolution}x{params.base.resolution}",
         "modelspec.trigger_phrase": params.evaluate.trigger,
     }
+
+
+def adapter_metadata(config) -> dict:
+    """The peft config as a dict, its module sets as sorted lists: a set's order changes from one process to the next
+    (string hashing is randomized), and the file's bytes must not."""
+    metadata = config.to_dict()
+    for key, value in metadata.items():
+        if isinstance(value, (set, frozenset)) or (key == "target_modules" and isinstance(value, list)):
+            metadata[key] = sorted(value)
+    return metadata
 
 
 def timestamp() -> float:
