@@ -21,6 +21,10 @@ class PathsParams(Section):
     `captions/class.jsonl` + `latents/class.safetensors` that training reads)."""
     train: str = "artifacts/train"
     """`train@<method>` output: `<train>/<method>/`."""
+    checkpoints: str | None = None
+    """Where each `train@<method>` keeps its resumable checkpoints: `<checkpoints>/<method>/`; null:
+    `<train>/<method>/checkpoints/`. Not a DVC output (nothing to cache or compare) and, outside `<train>`, not part of
+    what merge, evaluate and export depend on: an experiment's checkpoints do not make them run again."""
     merge: str = "artifacts/merge"
     """`merge` output: `<merge>/<recipe>/`."""
     eval: str = "artifacts/eval"

@@ -62,7 +62,7 @@ def train(params, out_dir: Path) -> dict:
         metadata = {"datasets": ",".join(datasets), "images": str(len(images)), "name": name}
         save_safetensors({SAFETENSORS_KEY: embedding}, tmp / f"{name}.safetensors", metadata)
     # The outputs every train@<method> stage declares in dvc.yaml; this method has no steps to log or resume.
-    for folder in ("samples", "checkpoints", "live/plots/metrics"):
+    for folder in ("samples", "live/plots/metrics"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     similarity = torch.nn.functional.normalize(features, dim=-1) @ embedding.T
     metrics = {"images": len(images), "embedding_dim": embedding.shape[1], "mean_similarity": round(float(similarity.mean()), 4)}

@@ -100,7 +100,7 @@ def train(params, out_dir: Path) -> dict:
     with atomic_path(samples_dir / "reconstructions.png") as tmp:
         # one row per image: original, VAE only, DDIM inversion, null-text inversion
         image_grid([image for _, images in rows for image in images], columns=4).save(tmp, format="PNG")
-    for folder in ("checkpoints", "live/plots/metrics"):  # declared outs of every train@<method> stage
+    for folder in ("live/plots/metrics",):  # declared outs of every train@<method> stage
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
 
     metrics = {"images": len(rows), "num_inference_steps": settings.num_inference_steps, "per_image": [r for r, _ in rows]}

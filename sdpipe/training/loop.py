@@ -142,6 +142,8 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
 
     # 5. Resume from the latest checkpoint made with the same params and data.
     checkpoints_dir = out_dir / CHECKPOINTS_DIR
+    if params.paths.checkpoints:
+        checkpoints_dir = Path(params.paths.checkpoints) / method.name
     fingerprint = run_fingerprint(method.name, method_params, params, input_files)
     start_step, losses = 0, []
     history = {LIVE_DIR: out_dir / LIVE_DIR, SAMPLES_DIR: out_dir / SAMPLES_DIR}  # what a checkpoint carries
