@@ -15,7 +15,9 @@ first, as the reference row). The metrics:
 - `style`: share of the `a <color> <shape>` samples in `evaluate.style` (outlined), which style methods learn.
 - `clip_t`, `clip_i`, `kid`: with a CLIP model (the tiny world's own, `<base model>/clip`, or
   `evaluate.clip_model`): text alignment of the concept samples to `a <color> <concept shape>`, image
-  alignment to the concept dataset, and the kernel inception distance (with CLIP image features) to it.
+  alignment to the concept dataset, and the kernel inception distance and Fréchet distance (FID's formula; with
+  CLIP image features) to it; `dino`: mean cosine similarity of DINO embeddings of the concept samples and the concept
+  dataset, with a DINO / DINOv2 model folder in `evaluate.dino_model`.
 - `validation_loss`: the diffusion loss on the held-out `evaluate.validation_datasets` (fixed noise and
   timesteps, so models compare).
 """
@@ -41,6 +43,8 @@ from sdpipe.tinyworld import oracle, scoring, world
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's normalization
+IMAGENET_STD = (0.229, 0.224, 0.225)
 VALIDATION_TIMESTEPS = (50, 200, 400, 600, 800, 950)
 
 
@@ -114,9 +118,11 @@ class Reference:
                 f"evaluate.concept_dataset {settings.concept_dataset!r} is not in base.datasets "
                 f"({', '.join(params.base.datasets)}); only those are prepared"
             )
+        images = dataset_images(Path(params.paths.prepared) / settings.concept_dataset)
         if self.clip is not None:
-            images = dataset_images(Path(params.paths.prepared) / settings.concept_dataset)
             self.concept_features = self.clip.image_features(images)
+        self.dino = DinoScorer(settings.dino_model, device) if settings.dino_model else None
+        self.concept_dino = self.dino.image_features(images) if self.dino is not None else None
         self.validation = [
             validation_examples(Path(params.paths.latents), Path(params.paths.captions), name, params.base.datasets)
             for name in settings.validation_datasets
@@ -154,6 +160,9 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
         metrics["clip_t"] = round(float((features * reference.clip.text_features(texts)).sum(-1).mean()), 4)
         metrics["clip_i"] = round(float((features @ reference.concept_features.T).mean()), 4)
         metrics["kid"] = round(kernel_inception_distance(features, reference.concept_features), 5)
+        metrics["fid"] = round(frechet_distance(features, reference.concept_features), 5)
+    if reference.dino is not None:
+        metrics["dino"] = round(float((reference.dino.image_features(concept_images) @ reference.concept_dino.T).mean()), 4)
     if reference.validation:
         losses = [validation_loss(pipeline, latents, captions, candidate.trigger, settings) for latents, captions in reference.validation]
         metrics["validation_loss"] = round(sum(losses) / len(losses), 5)
@@ -226,6 +235,26 @@ class ClipScorer:
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
 
+class DinoScorer:
+    """Unit-norm DINO / DINOv2 image embeddings (the CLS token): the subject-fidelity measure of the DreamBooth paper."""
+
+    def __init__(self, folder: str, device: torch.device):
+        from transformers import AutoModel
+
+        if not Path(folder).is_dir():
+            raise SdpipeError(f"evaluate.dino_model: {folder} is not a folder with a DINO model (config.json + weights)")
+        self.model, self.device = AutoModel.from_pretrained(folder).to(device).eval(), device
+        self.size = self.model.config.image_size
+
+    @torch.no_grad()
+    def image_features(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = np.stack([np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)) for image in images])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+        pixels = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        cls = self.model(pixel_values=pixels.to(self.device)).last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
+
+
 def load_clip(clip_model: str | None, base_model: str, device: torch.device) -> ClipScorer | None:
     """`evaluate.clip_model`, else the tiny world's CLIP shipped beside the base model; None when neither exists."""
     from transformers import CLIPModel, CLIPTokenizer
@@ -254,6 +283,18 @@ def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(term_x + term_y - 2 * k_xy.mean())
 
 
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """FID's Fréchet distance between Gaussians fitted to two feature sets: |mu_x - mu_y|² + tr(S_x + S_y -
+    2 (S_x S_y)^½), the trace of the square root taken as that of the symmetric S_x^½ S_y S_x^½ (same eigenvalues)."""
+    x, y = x.double(), y.double()
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    cov_x, cov_y = torch.cov(x.T), torch.cov(y.T)
+    values, vectors = torch.linalg.eigh(cov_x)
+    sqrt_x = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    middle = torch.linalg.eigvalsh(sqrt_x @ cov_y @ sqrt_x).clamp(min=0).sqrt().sum()
+    return float((mean_x - mean_y).square().sum() + cov_x.trace() + cov_y.trace() - 2 * middle)
+
+
 def write_summary(rows: dict[str, dict], out_dir: Path) -> None:
     """`summary.json` and a markdown table, one row per model, the base first as the reference."""
     write_json(out_dir / "summary.json", rows)
@@ -278,6 +319,8 @@ SUMMARY_COLUMNS = (
     "clip_t",
     "clip_i",
     "kid",
+    "fid",
+    "dino",
     "validation_loss",
     "psnr_null_text",
     "psnr_ddim",

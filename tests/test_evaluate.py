@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
 from sdpipe.config import parse_params
 from sdpipe.encode import save_safetensors
 from sdpipe.errors import SdpipeError
-from sdpipe.evaluate import evaluate_models, kernel_inception_distance, write_summary
+from sdpipe.evaluate import DinoScorer, evaluate_models, frechet_distance, kernel_inception_distance, write_summary
 from sdpipe.io import write_jsonl
 from sdpipe.tinyworld import oracle, world
 from sdpipe.tinyworld.datasets import star_scenes
@@ -137,3 +138,35 @@ def test_a_validation_dataset_that_is_not_prepared_is_refused(project, tiny_sd_d
     params = eval_params(project, tiny_sd_dir, validation_datasets=["nope"])
     with pytest.raises(SdpipeError, match=r"evaluate.validation_datasets lists 'nope'"):
         evaluate_models(params, torch.device("cpu"))
+
+
+def test_fid_matches_a_direct_computation():
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=generator), torch.randn(30, 6, generator=generator) * 1.5 + 0.3
+    xs, ys = x.double().numpy(), y.double().numpy()
+    cov_x, cov_y = np.cov(xs, rowvar=False), np.cov(ys, rowvar=False)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(cov_x @ cov_y).real.clip(min=0)).sum()  # tr sqrtm(S_x S_y)
+    expected = ((xs.mean(0) - ys.mean(0)) ** 2).sum() + np.trace(cov_x) + np.trace(cov_y) - 2 * trace_sqrt
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-6)
+    assert abs(frechet_distance(x, x)) < 1e-6 < frechet_distance(x, y)
+
+
+def test_dino_features_are_the_normalized_cls_token(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    Dinov2Model(config).save_pretrained(tmp_path / "dino")
+    scorer = DinoScorer(str(tmp_path / "dino"), torch.device("cpu"))
+    images = [Image.new("RGB", (32, 32), color) for color in ("red", "blue")]
+    features = scorer.image_features(images)
+    assert features.shape == (2, 32)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2))
+    pixels = (torch.tensor(np.asarray(images[0]), dtype=torch.float32).permute(2, 0, 1) / 255)[None]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    pixels = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.no_grad():
+        cls = scorer.model(pixel_values=pixels).last_hidden_state[0, 0]
+    torch.testing.assert_close(features[0], torch.nn.functional.normalize(cls, dim=-1))
+    with pytest.raises(SdpipeError, match="evaluate.dino_model"):
+        DinoScorer(str(tmp_path / "missing"), torch.device("cpu"))

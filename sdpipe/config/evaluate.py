@@ -38,5 +38,9 @@ class EvaluateParams(Section):
     """A CLIP model folder (transformers `CLIPModel`) for CLIP-T, CLIP-I and KID; null: the tiny world's CLIP
     shipped beside the base model (`<base.base_model>/clip`), or no CLIP metrics when it has none."""
 
+    dino_model: str | None = None
+    """A DINO / DINOv2 model folder (transformers `AutoModel`, e.g. facebook/dinov2-small saved locally) for the `dino`
+    subject-fidelity metric; null: no DINO metric (the tiny world ships none)."""
+
     validation_datasets: list[str] = Field(default_factory=lambda: ["star_val"])
     """Held-out datasets (in `base.datasets`, not trained on) for the validation loss; empty: none."""
