@@ -15,6 +15,16 @@ def tiny_sd_dir(tmp_path_factory):
     return build_random_pipeline(tmp_path_factory.mktemp("tiny_sd") / "pipeline", seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs a module's tests on one torch thread: tiny models run faster so, and far faster when other processes share
+    the cores. A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -28,12 +28,7 @@ from sdpipe.tinyworld import scoring
 IMAGES = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ TEXT_LAYERS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 GENERATOR = torch.Generator().manual_seed(0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 def run(*args: str):

@@ -26,12 +26,7 @@ from sdpipe.training.loop import diffusion_batch_loss, load_models
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 def make_params(root, tiny_sd_dir, **settings):

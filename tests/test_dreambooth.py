@@ -23,12 +23,7 @@ NUM_CLASS_IMAGES = 4  # the fourth image takes the first prompt again
 UNET_FILE = "diffusers/unet/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 def dreambooth_params(root, base_model, datasets=("star",), class_images=None, **settings):

@@ -26,12 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

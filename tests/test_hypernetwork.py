@@ -35,12 +35,7 @@ SETTINGS = ("layer_structure", "activation_func", "is_layer_norm", "weight_initi
             "sd_checkpoint", "sd_checkpoint_name")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ CONVS = ["down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv", "
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 def load_pipe(tiny_sd_dir) -> StableDiffusionPipeline:

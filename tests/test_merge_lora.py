@@ -26,12 +26,7 @@ from sdpipe.merge.sources import open_checkpoint
 from sdpipe.models.loading import file_sha256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 def randn(generator: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:

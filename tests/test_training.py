@@ -36,13 +36,7 @@ from sdpipe.training.diffusion import compute_snr, diffusion_loss, min_snr_weigh
 from sdpipe.training.loop import method_datasets, timestep_range
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 # --- fixtures: fake encode/caption outputs and a toy method -------------------------------------------------
