@@ -10,8 +10,8 @@
 Each side runs its own way on the same device: PyTorch eager (SDPA attention) against the exported ONNX
 graphs in onnxruntime (CPU: fp32 as exported, the same thread count; CUDA: fp16 with onnxruntime's Stable
 Diffusion fusions, against PyTorch in fp16). The UNet step is timed with the inputs of a guided step (batch 2,
-one timestep); the generation is prompt to image, 25 PNDM steps at guidance 7.5, the same seed. Times are
-medians; the ratio is PyTorch time / onnxruntime time (above 1: onnxruntime is faster).
+one timestep); the generation is prompt to image, 25 steps of the model's own sampler (DPM++ 2M) at guidance 7.5,
+the same seed. Times are medians; the ratio is PyTorch time / onnxruntime time (above 1: onnxruntime is faster).
 """
 
 from __future__ import annotations

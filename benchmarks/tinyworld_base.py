@@ -5,6 +5,7 @@ fixed seeds) for every `a <color> <shape>` prompt, and `a <color> star` (a shape
 and prints the oracle's color, shape and joint accuracy beside chance level and the target.
 
     python benchmarks/tinyworld_base.py [--model artifacts/pretrain/tinyworld] [--seeds 8] [--grid grid.png]
+                                        [--scheduler PNDMScheduler]   # another diffusers sampler on the same weights
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import diffusers
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -25,11 +27,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--grid", default=None, help="also save a sample grid PNG here")
+    parser.add_argument("--scheduler", default=None, help="a diffusers scheduler class to sample with instead of the model's")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     pipeline = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
+    if args.scheduler:
+        pipeline.scheduler = getattr(diffusers, args.scheduler).from_config(pipeline.scheduler.config)
     seeds = list(range(args.seeds))
 
     held_in = scoring.color_shape_probes(world.PRETRAIN_SHAPES)
@@ -44,7 +49,8 @@ def main() -> None:
 
     chance_color = 1 / len(world.COLORS)
     chance_shape = 1 / len(world.PRETRAIN_SHAPES)
-    print(f"model {args.model}: {count} images, {args.steps} steps, guidance {args.guidance}, {seconds:.1f} s")
+    sampler = type(pipeline.scheduler).__name__
+    print(f"model {args.model}: {count} images, {sampler} {args.steps} steps, guidance {args.guidance}, {seconds:.1f} s")
     print(f"{'prompts':<28}{'metric':<10}{'accuracy':>10}{'chance':>10}{'target':>10}")
     rows = [
         ("a <color> <held-in shape>", "color", held_in_scores["color"], chance_color, ">= 0.90"),

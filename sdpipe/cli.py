@@ -53,27 +53,41 @@ def sample(
         help="A method this project trained (train@<method>): the base model with its files loaded as a user would "
         "(embedding, LoRA, hypernetwork, ...), at the strengths params.yaml gives.",
     ),
+    null_text: Path | None = typer.Option(
+        None,
+        "--null-text",
+        help="A null-text inversion record (<paths.train>/null_text_inversion/model/<image>.safetensors): "
+        "reconstructs its image, or with --prompt edits it (its caption with a word changed).",
+    ),
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="The params file, for --method."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial latents (same seed, same image in both runtimes)."),
     steps: int = typer.Option(25, "--steps", min=1, help="Sampling steps."),
     guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance (1 turns it off)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="What to steer away from."),
 ) -> None:
-    """Generates images from an ONNX export (onnxruntime: CUDA when present, else the CPU), a PyTorch model or a
-    trained method. Each PNG carries its generation parameters in a `parameters` text chunk, as A1111 writes them."""
+    """Generates images from an ONNX export (onnxruntime: CUDA when present, else the CPU), a PyTorch model, a
+    trained method, or edits an image inverted by null-text inversion. Each PNG carries its generation parameters in
+    a `parameters` text chunk, as A1111 writes them."""
     from sdpipe.errors import SdpipeError
     from sdpipe.export.onnx_pipeline import to_pil
     from sdpipe.io import atomic_path
 
-    if sum(source is not None for source in (onnx, model, method)) != 1:
-        console.print("[bold red]give exactly one of --onnx (an ONNX export), --model (a PyTorch model) or --method[/]")
+    if sum(source is not None for source in (onnx, model, method, null_text)) != 1:
+        console.print(
+            "[bold red]give exactly one of --onnx (an ONNX export), --model (a PyTorch model), --method "
+            "or --null-text (an inverted image)[/]"
+        )
         raise typer.Exit(2)
-    if (prompt is None) == (prompt_file is None):
+    if prompt is not None and prompt_file is not None or (prompt is None and prompt_file is None and not null_text):
         console.print("[bold red]give exactly one of --prompt and --prompt-file[/]")
         raise typer.Exit(2)
     try:
-        prompts = [prompt] if prompt is not None else read_prompt_file(prompt_file)
-        if onnx is not None:
+        prompts = [prompt] if prompt is not None else read_prompt_file(prompt_file) if prompt_file else [None]
+        if null_text is not None:
+            generate, runtime, model_name, record = null_text_editor(null_text)
+            seed, steps, guidance_scale, negative_prompt = None, record.num_inference_steps, record.guidance_scale, ""
+            prompts = [record.prompt if text is None else text for text in prompts]
+        elif onnx is not None:
             from sdpipe.export.onnx_pipeline import OnnxStableDiffusion
 
             runner = OnnxStableDiffusion(onnx)
@@ -89,7 +103,8 @@ def sample(
             info = a1111_parameters(text, negative_prompt, steps, guidance_scale, seed, image.size, model_name)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG", pnginfo=info)
-            console.print(f"[green]{escape(str(path))}[/]: {escape(repr(text))}, seed {seed}, {steps} steps, {runtime}")
+            seeded = "" if seed is None else f"seed {seed}, "
+            console.print(f"[green]{escape(str(path))}[/]: {escape(repr(text))}, {seeded}{steps} steps, {runtime}")
     except SdpipeError as error:
         raise fail(error) from None
 
@@ -131,6 +146,32 @@ def torch_pipeline(model: str | None, method: str | None, params_file: Path):
     return pipe, f"PyTorch ({device})", method
 
 
+def null_text_editor(record_path: Path):
+    """Reconstructs (its own caption) or edits (another prompt) an image inverted by `train@null_text_inversion`,
+    on the base model the record names."""
+    import numpy as np
+
+    from sdpipe.errors import SdpipeError
+    from sdpipe.methods import null_text_inversion
+    from sdpipe.models.loading import load_pipeline, resolve_device
+
+    if not record_path.is_file():
+        raise SdpipeError(f"--null-text {record_path}: no such file")
+    record = null_text_inversion.load_record(record_path)
+    if not record.base_model:
+        raise SdpipeError(f"--null-text {record_path}: the record does not name its base model (metadata base_model)")
+    device = resolve_device("auto")
+    pipe = load_pipeline(record.base_model, device=device, key=f"{record_path} (its base_model)")
+    pipe.set_progress_bar_config(disable=True)
+    console.print(f"null-text inversion of {record.image_id!r}, captioned {escape(repr(record.prompt))}", highlight=False)
+
+    def generate(text: str) -> np.ndarray:
+        image = null_text_inversion.reconstruct(pipe, record, text)
+        return np.asarray(image, dtype=np.float32)[None] / 255
+
+    return generate, f"PyTorch ({device})", f"null-text:{record.image_id}", record
+
+
 def torch_sample(pipe, prompt: str, seed: int, steps: int, guidance_scale: float, negative_prompt: str):
     """The PyTorch pipeline's image with latents drawn like the ONNX runner's (a CPU generator seeded with `seed`)."""
     import torch
@@ -154,7 +195,8 @@ def a1111_parameters(prompt, negative_prompt, steps, guidance_scale, seed, size,
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     width, height = size
-    lines.append(f"Steps: {steps}, CFG scale: {guidance_scale}, Seed: {seed}, Size: {width}x{height}, Model: {model_name}")
+    seed_field = "" if seed is None else f"Seed: {seed}, "  # no seed: a null-text edit starts from inverted noise
+    lines.append(f"Steps: {steps}, CFG scale: {guidance_scale}, {seed_field}Size: {width}x{height}, Model: {model_name}")
     info = PngInfo()
     info.add_text("parameters", "\n".join(lines))
     return info

@@ -79,7 +79,7 @@ def test_the_stage_writes_the_onnx_folder_with_dynamic_axes(exported):
         assert (folder / component / "model.onnx").is_file()
         assert json.loads((folder / component / "config.json").read_text())
     assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
-    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DPMSolverMultistepScheduler"
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "OnnxStableDiffusionPipeline"
     assert index["unet"] == ["diffusers", "OnnxRuntimeModel"] and index["safety_checker"] == [None, None]

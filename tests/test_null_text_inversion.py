@@ -104,3 +104,34 @@ def test_sampling_pipeline_is_the_base(inverted):
     base = inverted["pipeline"]
     for ours, theirs in zip(pipeline.unet.parameters(), base.unet.parameters()):
         assert torch.equal(ours, theirs)
+
+
+def test_sdpipe_sample_reconstructs_and_edits_a_record(inverted, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from sdpipe.cli import app
+
+    pipeline = inverted["pipeline"]
+    record_path = inverted["out_dir"] / "model" / "star_00.safetensors"
+    record = null_text_inversion.load_record(record_path)
+    assert record.base_model == str(inverted["params"].base.base_model)
+
+    same, edit = tmp_path / "same.png", tmp_path / "edit.png"
+    result = CliRunner().invoke(app, ["sample", "--null-text", str(record_path), "--out", str(same)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["sample", "--null-text", str(record_path), "--prompt", "a blue sks shape", "--out", str(edit)])
+    assert result.exit_code == 0, result.output
+    with Image.open(same) as image:
+        assert image.tobytes() == null_text_inversion.reconstruct(pipeline, record).tobytes()
+        assert image.text["parameters"].startswith("a red sks shape\nSteps: 4, CFG scale: 7.5, Size: 32x32")
+    with Image.open(edit) as image:
+        assert image.tobytes() == null_text_inversion.reconstruct(pipeline, record, "a blue sks shape").tobytes()
+        assert image.text["parameters"].startswith("a blue sks shape\n")
+
+    not_a_record = tmp_path / "x.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(not_a_record))
+    result = CliRunner().invoke(app, ["sample", "--null-text", str(not_a_record)])
+    assert result.exit_code == 1 and "not a null-text inversion record" in result.output

@@ -57,15 +57,7 @@ def shipped_scores():
     return scoring.score_probes(images, probes, seeds_per_probe=2)
 
 
-def test_shipped_base_model_loads_offline_and_follows_the_prompt(shipped_scores):
-    # chance is 0.25 for color and 0.33 for shape; the benchmark measures the full figures
-    assert shipped_scores["shape"] >= 0.75 and shipped_scores["color"] >= 0.5, shipped_scores
-
-
-@pytest.mark.xfail(
-    strict=False,  # float differences between CPUs may flip a reading or two of this 24-image probe
-    reason="issue 3 target not met by the shipped base: color accuracy 0.625 on this probe (shape 1.0), 0.823 in "
-    "benchmarks/tinyworld_base.py; remove this mark when a retrained base passes",
-)
-def test_shipped_base_model_meets_the_color_target(shipped_scores):
-    assert shipped_scores["color"] >= 0.75, shipped_scores
+def test_shipped_base_model_loads_offline_and_meets_the_accuracy_targets(shipped_scores):
+    # issue 3's targets are 0.90 on benchmarks/tinyworld_base.py's 96 images; on this 24-image probe a reading or
+    # two may flip between CPUs' float rounding, so the bar here is 21 of 24 (chance: color 0.25, shape 0.33)
+    assert shipped_scores["shape"] >= 0.875 and shipped_scores["color"] >= 0.875, shipped_scores

@@ -57,6 +57,8 @@ class InvertedImage:
     null_embeddings: torch.Tensor
     """One optimized unconditional embedding per sampling step [steps, tokens, hidden]."""
     guidance_scale: float
+    base_model: str | None = None
+    """The model the image was inverted with (only it reconstructs the image), as the record's metadata names it."""
 
     @property
     def num_inference_steps(self) -> int:
@@ -339,4 +341,5 @@ def load_record(path: Path) -> InvertedImage:
         latent=latent,
         null_embeddings=null_embeddings,
         guidance_scale=float(metadata["guidance_scale"]),
+        base_model=metadata.get("base_model"),
     )

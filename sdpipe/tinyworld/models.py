@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import (
     CLIPImageProcessor,
     CLIPTextConfig,
@@ -98,15 +98,22 @@ def train_scheduler() -> DDPMScheduler:
     )
 
 
-def sample_scheduler() -> PNDMScheduler:
-    """The scheduler the saved pipeline samples with (SD 1.x's default)."""
-    return PNDMScheduler(
+def sample_scheduler() -> DPMSolverMultistepScheduler:
+    """The scheduler the saved pipeline samples with: DPM-Solver++ 2M (A1111's "DPM++ 2M") on SD 1.x's schedule.
+
+    Not SD 1.x's PNDM: its 4th-order multistep extrapolation overshoots at guidance 7.5 on this small UNet (green
+    prompts came out red, blue or muddy: color accuracy 0.812 with PNDM, 1.000 with DPM++ 2M or Euler, same weights).
+    Not Euler: diffusers 0.42's OnnxStableDiffusionPipeline cannot multiply its numpy latents by Euler's tensor
+    `init_noise_sigma`, and the ONNX export carries this scheduler.
+    """
+    return DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="leading",
         steps_offset=1,
     )
 
