@@ -48,6 +48,7 @@ FORMATS = {
     "embedding-safetensors": "textual inversion embedding (A1111/kohya .safetensors, emb_params)",
     "embedding-diffusers": "textual inversion embedding (diffusers learned_embeds)",
     "embedding-sdxl": "textual inversion embedding (SDXL: clip_l + clip_g)",
+    "clip-inversion-embedding": "CLIP inversion concept vector (sdpipe; the context of an image-variations model)",
     "hypernetwork-a1111": "A1111 hypernetwork",
     "unknown": "unknown",
 }
@@ -240,6 +241,10 @@ def classify_tensors(tensors: Tensors) -> dict:
         details = embedding_details(tensors.shapes["emb_params"][1])
         details["name"] = tensors.metadata.get("placeholder_token") or tensors.metadata.get("name")
         return {"format": "embedding-safetensors", "details": drop_none(details)}
+    if set(keys) == {"clip_image_embedding", "clip_image_embedding_init"}:  # sdpipe's CLIP inversion
+        details = embedding_details(tensors.shapes["clip_image_embedding"][1])
+        details["variations_model"] = tensors.metadata.get("variations_model")
+        return {"format": "clip-inversion-embedding", "details": drop_none(details)}
     if set(keys) == {"clip_l", "clip_g"}:
         details = {name: embedding_details(tensors.shapes[name][1]) for name in ("clip_l", "clip_g")}
         return {"format": "embedding-sdxl", "details": details}

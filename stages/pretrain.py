@@ -13,6 +13,7 @@ def main(params) -> None:
         params.pretrain,
         seed=params.base.seed,
         out_dir=Path(params.paths.pretrain),
+        variations_dir=Path(params.paths.pretrain_variations),
         work_dir=WORK_DIR,
         metrics_path=Path(params.paths.pretrain_metrics),
     )

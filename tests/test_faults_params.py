@@ -13,11 +13,9 @@ from typer.testing import CliRunner
 
 from sdpipe.cli import app
 from sdpipe.config import Params, ParamsError, load_params
-from sdpipe.config.train import BUILT_METHODS, METHODS
+from sdpipe.config.train import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
-UNBUILT_METHODS = [method for method in METHODS if method not in BUILT_METHODS]
-
 # (id, params.yaml text, YAML path of the problem, a fragment of its message)
 BAD_VALUES = [
     # wrong types
@@ -135,12 +133,6 @@ def test_bad_value_is_refused_with_its_yaml_path(tmp_path, text, key, fragment):
     assert result.exit_code == 1, result.output
     assert f"{path}: {len(problems)} problem(s)" in result.output
     assert f"\n  {key}: " in result.output and fragment in result.output
-
-
-@pytest.mark.skipif(not UNBUILT_METHODS, reason="every training method is built")
-def test_method_not_built_in_this_version(tmp_path):
-    path = write(tmp_path, f"train: {{methods: [{UNBUILT_METHODS[0]}]}}")
-    assert any(p.startswith("train.methods: ") and "not available in this version" in p for p in problems_of(path))
 
 
 def test_missing_file_and_a_folder_instead_of_a_file(tmp_path):

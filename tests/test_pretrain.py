@@ -3,9 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImageVariationPipeline, StableDiffusionPipeline
 
 from sdpipe.config.pretrain import PretrainParams
 from sdpipe.tinyworld import pretrain, scoring, world
@@ -15,14 +16,18 @@ SHIPPED = ROOT / "artifacts" / "pretrain" / "tinyworld"
 
 TOY = PretrainParams(
     num_images=64, vae_doodles=16, vae_steps=2, vae_batch_size=4, clip_steps=2, clip_batch_size=8,
-    unet_steps=2, unet_batch_size=4, warmup_steps=1,
+    unet_steps=2, unet_batch_size=4, variations_steps=2, variations_batch_size=4, warmup_steps=1,
 )
 
 
-def test_toy_pretrain_writes_a_loadable_pipeline_and_resumes_by_phase(tmp_path):
+def test_toy_pretrain_writes_loadable_pipelines_and_resumes_by_phase(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "VARIATIONS_PROBE_IMAGES", 4)
     out, work, metrics_path = tmp_path / "model", tmp_path / "work", tmp_path / "metrics.json"
-    metrics = pretrain.pretrain(TOY, seed=0, out_dir=out, work_dir=work, metrics_path=metrics_path)
-    assert set(metrics["seconds"]) == {"vae", "clip", "unet", "this_run"}
+    variations_dir = tmp_path / "variations"
+    run = dict(seed=0, out_dir=out, variations_dir=variations_dir, work_dir=work, metrics_path=metrics_path)
+    metrics = pretrain.pretrain(TOY, **run)
+    assert set(metrics["seconds"]) == {"vae", "clip", "unet", "variations", "this_run"}
+    assert set(metrics["variations_accuracy"]) >= {"color", "shape", "all"}
     assert json.loads(metrics_path.read_text())["num_images"] == 64
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "feature_extractor", "clip"):
         assert (out / part).is_dir(), part
@@ -30,10 +35,19 @@ def test_toy_pretrain_writes_a_loadable_pipeline_and_resumes_by_phase(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     first = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 
+    # phase 4 starts from the text UNet and trains on image embeddings; diffusers' image-variations pipeline loads it
+    variations = StableDiffusionImageVariationPipeline.from_pretrained(variations_dir, local_files_only=True)
+    assert variations.unet.config.cross_attention_dim == variations.image_encoder.config.projection_dim
+    assert any(not torch.equal(a, b) for a, b in zip(variations.unet.parameters(), pipe.unet.parameters()))
+    variations.set_progress_bar_config(disable=True)
+    image = world.render(world.sample_scene(np.random.default_rng(0)))
+    assert variations(image, height=32, width=32, num_inference_steps=2).images[0].size == (32, 32)
+
     # a second run with only the UNet's params changed reuses the VAE and CLIP phases
     changed = TOY.model_copy(update={"unet_lr": TOY.unet_lr / 2})
-    pretrain.pretrain(changed, seed=0, out_dir=out, work_dir=work, metrics_path=metrics_path)
+    pretrain.pretrain(changed, **run)
     assert len(list(work.glob("vae-*"))) == len(list(work.glob("clip-*"))) == len(list(work.glob("unet-*"))) == 1
+    assert len(list(work.glob("variations-*"))) == 1  # retrained: it starts from the UNet
     again = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     assert any(not torch.equal(first[k], v) for k, v in again.unet.state_dict().items())
 

@@ -14,6 +14,9 @@ class PathsParams(Section):
     """`encode` output: `<latents>/<name>.safetensors`."""
     pretrain: str = "artifacts/pretrain/tinyworld"
     """`pretrain` output: the tiny-world base model (diffusers folder)."""
+    pretrain_variations: str = "artifacts/pretrain/tinyworld_variations"
+    """`pretrain` output: the tiny-world image-variations model (diffusers `StableDiffusionImageVariationPipeline`
+    folder), the base of CLIP inversion."""
     pretrain_metrics: str = "artifacts/pretrain/metrics.json"
     """`pretrain` metrics: reconstruction error, CLIP retrieval accuracy, time per phase."""
     class_images: str = "artifacts/class_images"

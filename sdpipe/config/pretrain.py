@@ -42,3 +42,16 @@ class PretrainParams(Section):
     """Share of UNet steps' captions replaced by the empty caption, for classifier-free guidance."""
     warmup_steps: int = Field(default=100, ge=0)
     """Linear learning-rate warmup of every phase."""
+
+    variations_steps: int = Field(default=1000, ge=1)
+    """Optimizer steps for the image-variations UNet: the text UNet fine-tuned to take a CLIP image embedding as
+    its one-token context (SD image variations / unCLIP's decoder, in miniature); CLIP inversion needs it."""
+    variations_batch_size: int = Field(default=64, ge=1)
+    """Latents per image-variations step."""
+    variations_lr: float = Field(default=5e-4, gt=0)
+    """Peak learning rate of the image-variations UNet."""
+    variations_doodles: bool = True
+    """Also train the image-variations UNet on the autoencoder's doodles (random polygons, ellipses, strokes), so
+    that it learns to draw what an image embedding describes, not only the world's three shapes."""
+    variations_embedding_dropout: float = Field(default=0.1, ge=0, lt=1)
+    """Share of image-variations steps' embeddings replaced by zeros (its unconditional input, for guidance)."""

@@ -26,8 +26,6 @@ METHODS = (
     "dreambooth",
     "lora",
 )
-# methods whose sdpipe.methods module exists
-BUILT_METHODS: tuple[str, ...] = ("textual_inversion", "finetune", "dreambooth", "lora", "dreamartist", "aesthetic_gradient", "null_text_inversion", "custom_diffusion", "hypernetwork")
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -638,6 +636,33 @@ class CustomDiffusionParams(MethodParams):
         return self
 
 
+class ClipInversionParams(MethodParams):
+    """CLIP inversion: one concept vector in CLIP image-embedding space, optimized through a model conditioned on
+    CLIP image embeddings (an image-variations model) so that it draws the concept; the models stay frozen."""
+
+    datasets: list[DatasetName] | None = Field(default_factory=lambda: ["star"])
+    """Datasets (of `base.datasets`) to train on; null: all of them."""
+
+    max_steps: int = Field(default=300, ge=1)
+    """Optimizer steps to train."""
+
+    learning_rate: float = Field(default=1e-2, gt=0.0)
+    """The peak learning rate (after warmup); like an embedding's, much larger than a weight's."""
+
+    variations_model: str = "artifacts/pretrain/tinyworld_variations"
+    """The image-variations model (a diffusers `StableDiffusionImageVariationPipeline` folder, e.g. the tiny
+    world's, or `lambdalabs/sd-image-variations-diffusers` for SD 1.x) whose UNet takes the vector as its context.
+    It must share `base.base_model`'s VAE latent space (the latents come from the `encode` stage)."""
+
+    init: Literal["dataset_mean", "zeros"] = "dataset_mean"
+    """Where the vector starts: the mean CLIP image embedding of the training images (what plain image variations
+    of the dataset would use), or zeros (the unconditional input)."""
+
+    trigger_word: str = Field(default="sks", min_length=1)
+    """The word that names the concept in prompts (`sdpipe sample --method clip_inversion --prompt "a sks"`): the
+    model has no text input, so a prompt either names the concept or is refused."""
+
+
 class TrainParams(Section):
     methods: list[Literal[METHODS]] = Field(default_factory=list)  # type: ignore[valid-type]
     """Methods to train, each as its own `train@<method>` stage writing `artifacts/train/<method>/`."""
@@ -673,13 +698,12 @@ class TrainParams(Section):
     dreamartist: DreamArtistParams = Field(default_factory=DreamArtistParams)
     """DreamArtist: a positive and a negative embedding trained with guidance in the loss (two A1111 embeddings)."""
 
+    clip_inversion: ClipInversionParams = Field(default_factory=ClipInversionParams)
+    """CLIP inversion: a concept vector in CLIP image-embedding space for an image-variations model."""
+
     @field_validator("methods")
     @classmethod
-    def _methods_are_built(cls, methods: list[str]) -> list[str]:
-        missing = [m for m in methods if m not in BUILT_METHODS]
-        if missing:
-            built = ", ".join(BUILT_METHODS) or "none yet"
-            raise ValueError(f"method(s) {', '.join(missing)} not available in this version (available: {built})")
+    def _methods_are_listed_once(cls, methods: list[str]) -> list[str]:
         if len(set(methods)) != len(methods):
             raise ValueError("a method is listed twice")
         return methods

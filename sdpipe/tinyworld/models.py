@@ -136,3 +136,22 @@ def build_random_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+def build_random_variations_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a randomly initialized tiny-world image-variations pipeline folder (for tests); returns its path."""
+    from diffusers import StableDiffusionImageVariationPipeline
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionImageVariationPipeline(
+        vae=AutoencoderKL(**vae_config()),
+        image_encoder=CLIPVisionModelWithProjection(vision_config()),
+        unet=UNet2DConditionModel(**unet_config()),
+        scheduler=sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=feature_extractor(),
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir

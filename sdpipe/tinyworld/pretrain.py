@@ -1,12 +1,17 @@
 """Pretraining the tiny-world Stable Diffusion from scratch, SD's recipe in miniature.
 
-Three phases, in order, each with the real diffusers / transformers classes:
+Four phases, in order, each with the real diffusers / transformers classes:
 1. an `AutoencoderKL` that compresses 32x32 images to 4x8x8 latents;
 2. a CLIP (`CLIPModel`: text + vision towers with projections) trained contrastively on image-caption pairs;
 3. a `UNet2DConditionModel` over the VAE's latents, conditioned on the frozen CLIP text encoder's hidden
-   states, with caption dropout (for classifier-free guidance), min-SNR weighting and EMA.
-The star shape and the outlined style never appear. The result is saved as a standard diffusers
-`StableDiffusionPipeline` folder plus the CLIP vision tower (`image_encoder/`) and the whole CLIP (`clip/`).
+   states, with caption dropout (for classifier-free guidance), min-SNR weighting and EMA;
+4. the image-variations UNet: the text UNet fine-tuned to take the CLIP image embedding of the image as its
+   one-token context (zeros when dropped), as SD image variations was fine-tuned from SD. CLIP inversion
+   optimizes a concept vector in that embedding space.
+The star shape and the outlined style never appear (the autoencoder's doodles, which phases 1 and 4 also see,
+are random polygons, ellipses and strokes). The result is saved as a standard diffusers `StableDiffusionPipeline`
+folder plus the CLIP vision tower (`image_encoder/`) and the whole CLIP (`clip/`), and a
+`StableDiffusionImageVariationPipeline` folder beside it.
 
 Each finished phase is kept in a work folder keyed by the params that shaped it, so an interrupted run
 resumes at the phase it was in.
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionImageVariationPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -32,10 +37,11 @@ from sdpipe.config.pretrain import PretrainParams
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, write_json
 from sdpipe.progress import log
-from sdpipe.tinyworld import models, world
+from sdpipe.tinyworld import models, oracle, world
 from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
 
 LOG_EVERY = 100
+VARIATIONS_PROBE_IMAGES = 48  # fresh world images the image-variations model redraws for its accuracy metric
 
 
 def caption_variants(scene: world.Scene) -> list[str]:
@@ -110,41 +116,61 @@ def train_clip(
     return clip
 
 
+def text_condition(caption_ids: torch.Tensor, caption_states: torch.Tensor):
+    """The text UNet's context for a batch: a random caption variant of each image, or (caption dropout) the empty
+    caption. `caption_ids[i]` lists the caption variants of image i as rows of `caption_states`; the last row of
+    `caption_states` is the empty caption."""
+    empty_caption = len(caption_states) - 1
+
+    def condition(index: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+        variant = torch.randint(caption_ids.shape[1], (len(index),), generator=generator)
+        dropped = torch.rand(len(index), generator=generator) < dropout
+        return caption_states[torch.where(dropped, empty_caption, caption_ids[index, variant])]
+
+    return condition
+
+
+def image_condition(image_embeds: torch.Tensor):
+    """The image-variations UNet's context for a batch: each image's CLIP image embedding as one token, or zeros
+    (what diffusers' `StableDiffusionImageVariationPipeline` feeds as the unconditional input)."""
+
+    def condition(index: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+        dropped = torch.rand(len(index), generator=generator) < dropout
+        return torch.where(dropped[:, None], 0.0, image_embeds[index])[:, None, :]
+
+    return condition
+
+
 def train_unet(
+    unet: UNet2DConditionModel,
     latents: torch.Tensor,
-    caption_ids: torch.Tensor,
-    caption_states: torch.Tensor,
+    condition,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    dropout: float,
     params: PretrainParams,
     generator: torch.Generator,
+    phase: str = "unet",
 ) -> UNet2DConditionModel:
-    """Trains the UNet on cached latents and cached text-encoder states; returns the EMA weights.
-
-    `caption_ids[i]` lists the caption variants of image i as rows of `caption_states`; the last row of
-    `caption_states` is the empty caption, used for caption dropout.
-    """
-    unet = UNet2DConditionModel(**models.unet_config())
+    """Trains `unet` on cached latents and the contexts `condition` draws for them; returns the EMA weights."""
     scheduler = models.train_scheduler()
     ema = EMAModel(unet.parameters(), decay=params.unet_ema_decay, use_ema_warmup=True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=params.unet_lr, weight_decay=1e-2)
-    schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.unet_steps)
-    empty_caption = len(caption_states) - 1
-    batch_size = params.unet_batch_size
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, steps)
     unet.train()
-    for step in range(params.unet_steps):
+    for step in range(steps):
         index = torch.randint(len(latents), (batch_size,), generator=generator)
-        variant = torch.randint(caption_ids.shape[1], (batch_size,), generator=generator)
-        caption = caption_ids[index, variant]
-        dropped = torch.rand(batch_size, generator=generator) < params.caption_dropout
-        caption = torch.where(dropped, empty_caption, caption)
+        context = condition(index, dropout, generator)
         clean = latents[index]
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, caption_states[caption]).sample
+        prediction = unet(noisy, timesteps, context).sample
         loss = diffusion_loss(prediction, noise, timesteps, scheduler, params.snr_gamma)
         _step(loss, optimizer, schedule, unet.parameters())
         ema.step(unet.parameters())
-        _log_step("unet", step, params.unet_steps, loss)
+        _log_step(phase, step, steps, loss)
     ema.copy_to(unet.parameters())
     unet.eval()
     return unet
@@ -160,8 +186,11 @@ def diffusion_loss(prediction, target, timesteps, scheduler, snr_gamma: float | 
     return (per_sample * weights).mean()
 
 
-def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, metrics_path: Path) -> dict:
-    """Runs all three phases and writes the pipeline folder atomically to `out_dir`."""
+def pretrain(
+    params: PretrainParams, seed: int, out_dir: Path, variations_dir: Path, work_dir: Path, metrics_path: Path
+) -> dict:
+    """Runs all four phases and writes the text-to-image pipeline folder to `out_dir` and the image-variations
+    pipeline folder to `variations_dir`, atomically."""
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
     start = time.monotonic()
@@ -195,27 +224,60 @@ def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, m
 
     unet = _cached_phase(
         work_dir, "unet", _phase_key(params, seed, "unet"), UNet2DConditionModel,
-        lambda: train_unet(latents, caption_ids, caption_states, params, torch.Generator().manual_seed(seed + 2)),
+        lambda: train_unet(
+            UNet2DConditionModel(**models.unet_config()), latents, text_condition(caption_ids, caption_states),
+            params.unet_steps, params.unet_batch_size, params.unet_lr, params.caption_dropout, params,
+            torch.Generator().manual_seed(seed + 2),
+        ),
         timings,
     )
 
     image_encoder = CLIPVisionModelWithProjection(clip.config.vision_config)
     image_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
     image_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    image_encoder.eval()
+
+    # 4. The image-variations UNet: the text UNet, fine-tuned to take an image's CLIP embedding as its context.
+    variation_latents, variation_embeds = latents, image_embeddings(image_encoder, pixels)
+    if params.variations_doodles:
+        doodles = vae_pixels[len(pixels) :]
+        variation_latents = torch.cat([latents, posterior_means(vae, doodles) * scaling_factor])
+        variation_embeds = torch.cat([variation_embeds, image_embeddings(image_encoder, doodles)])
+    variations_unet = _cached_phase(
+        work_dir, "variations", _phase_key(params, seed, "variations"), UNet2DConditionModel,
+        lambda: train_unet(
+            copy_of(unet), variation_latents, image_condition(variation_embeds),
+            params.variations_steps, params.variations_batch_size, params.variations_lr,
+            params.variations_embedding_dropout, params, torch.Generator().manual_seed(seed + 4), phase="variations",
+        ),
+        timings,
+    )
+
+    scheduler = models.sample_scheduler()
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=models.sample_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=models.feature_extractor(),
         image_encoder=image_encoder,
         requires_safety_checker=False,
     )
-    with atomic_path(out_dir) as tmp:
+    variations = StableDiffusionImageVariationPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=variations_unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=models.feature_extractor(),
+        requires_safety_checker=False,
+    )
+    with atomic_path(out_dir) as tmp, atomic_path(variations_dir) as variations_tmp:
         pipeline.save_pretrained(tmp)
         clip.save_pretrained(tmp / "clip")
+        variations.save_pretrained(variations_tmp)
 
     metrics = {
         "seed": seed,
@@ -223,6 +285,7 @@ def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, m
         "latent_scaling_factor": scaling_factor,
         "vae_reconstruction_mae": reconstruction_error(vae, pixels[:512]),
         "clip_retrieval_accuracy": clip_retrieval_accuracy(clip, tokenizer, pixels, scenes),
+        "variations_accuracy": variations_accuracy(variations, seed),
         "seconds": {**timings, "this_run": round(time.monotonic() - start, 1)},
     }
     write_json(metrics_path, metrics)
@@ -230,10 +293,45 @@ def pretrain(params: PretrainParams, seed: int, out_dir: Path, work_dir: Path, m
     return metrics
 
 
+def copy_of(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    twin = UNet2DConditionModel.from_config(unet.config)
+    twin.load_state_dict(unet.state_dict())
+    return twin
+
+
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, float]:
+def image_embeddings(image_encoder: CLIPVisionModelWithProjection, pixels: torch.Tensor, batch_size: int = 512):
+    """The CLIP image embeddings (`image_embeds`, as `StableDiffusionImageVariationPipeline` computes them) of
+    [-1, 1] images."""
+    values = clip_pixel_values(pixels)
+    return torch.cat([image_encoder(values[i : i + batch_size]).image_embeds for i in range(0, len(values), batch_size)])
+
+
+@torch.no_grad()
+def variations_accuracy(variations, seed: int) -> dict[str, float]:
+    """The oracle's color / shape / joint accuracy on variations of fresh world images (does the image-variations
+    model draw what the embedding describes?)."""
+    rng = np.random.default_rng(seed + 5)
+    scenes = [world.sample_scene(rng) for _ in range(VARIATIONS_PROBE_IMAGES)]
+    images = [world.render(scene) for scene in scenes]
+    variations.set_progress_bar_config(disable=True)
+    size = world.RESOLUTION
+    drawn = variations(
+        images, height=size, width=size, num_inference_steps=25, guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+    expected = [{"color": s.color, "shape": s.shape} for s in scenes]
+    return {k: round(v, 3) for k, v in oracle.score(drawn, expected).items()}
+
+
+@torch.no_grad()
+def posterior_means(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(pixels[i : i + batch_size]).latent_dist.mean for i in range(0, len(pixels), batch_size)])
+
+
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Posterior means of every image, scaled to unit variance like SD's 0.18215; returns the scale too."""
-    means = torch.cat([vae.encode(pixels[i : i + batch_size]).latent_dist.mean for i in range(0, len(pixels), batch_size)])
+    means = posterior_means(vae, pixels)
     scaling_factor = float(1.0 / means.std())
     return means * scaling_factor, scaling_factor
 
@@ -293,11 +391,11 @@ def _log_step(phase: str, step: int, total: int, loss: torch.Tensor) -> None:
 
 def _phase_key(params: PretrainParams, seed: int, phase: str) -> str:
     """Hash of everything that shapes a phase's result: later phases depend on earlier ones."""
-    order = ["vae", "clip", "unet"]
+    order = ["vae", "clip", "unet", "variations"]
     fields = {"num_images", "warmup_steps"}
     for name in order[: order.index(phase) + 1]:
         fields |= {f for f in PretrainParams.model_fields if f.startswith(name)}
-    fields |= {"snr_gamma", "caption_dropout"} if phase == "unet" else set()
+    fields |= {"snr_gamma", "caption_dropout"} if phase in ("unet", "variations") else set()
     payload = json.dumps({"seed": seed, **params.model_dump(include=fields)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 

@@ -425,6 +425,7 @@ def save_samples(method: TrainingMethod, models: Models, vae, accelerator, commo
     plain = unwrapped(models, accelerator)
     prompts = [method.caption(prompt) for prompt in common.sample_prompts]
     with accelerator.autocast():
+        embeddings = method.sample_embeddings(plain, prompts)
         images = sample_images(
             vae,
             plain.text_encoder,
@@ -436,6 +437,7 @@ def save_samples(method: TrainingMethod, models: Models, vae, accelerator, commo
             common.sample_steps,
             common.sample_guidance_scale,
             accelerator.device,
+            embeddings,
         )
     save_grid(images, path)
 

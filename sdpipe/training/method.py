@@ -11,7 +11,8 @@ A method subclasses `TrainingMethod` and says:
 - `caption(text)`: how a caption (or sample prompt) is rewritten for it (e.g. the trigger word becomes a token);
   `caption_ops(common_ops)`: the caption operations (dropout, shuffles) it trains with, when not `train.common`'s;
 - `encode_text(models, captions)` / `predict(models, ...)`: how a batch's conditioning is built and the UNet
-  called, when the defaults (CLIP text encoder hidden states; a plain UNet call) do not fit;
+  called, when the defaults (CLIP text encoder hidden states; a plain UNet call) do not fit, and
+  `sample_embeddings(models, prompts)` the sample images' conditioning when it is not the text encoder's;
 - `after_optimizer_step(models)`: anything to restore after an update;
 - `save(models, folder, step)`: its final files, in the formats the ecosystem loads;
 - `ema_decay`: for methods that train model weights, an exponential moving average of them, saved instead of the
@@ -109,6 +110,11 @@ class TrainingMethod:
     ) -> torch.Tensor:
         """The UNet's prediction for a batch (a method may add conditioning or combine several calls)."""
         return models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    def sample_embeddings(self, models: Models, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (conditional, unconditional) UNet contexts of the sample prompts when the method's conditioning is
+        not the text encoder's (CLIP inversion); None: the sampling pipeline encodes the prompts."""
+        return None
 
     def after_optimizer_step(self, models: Models) -> None:
         """Called after every optimizer step."""

@@ -23,14 +23,18 @@ def sample_images(
     steps: int,
     guidance_scale: float,
     device: torch.device,
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt, with unwrapped models; the models' train/eval modes are left as they were."""
+    """One image per prompt, with unwrapped models; the models' train/eval modes are left as they were.
+
+    `embeddings`: the (conditional, unconditional) UNet contexts of the prompts, for a method whose conditioning
+    is not the text encoder's (then `text_encoder` and `tokenizer` are not used)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=text_encoder if embeddings is None else None,
+        tokenizer=tokenizer if embeddings is None else None,
         unet=unet,
         scheduler=DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False),  # latents are not in [-1, 1]
         safety_checker=None,
@@ -48,8 +52,12 @@ def sample_images(
         latents = torch.stack(
             [torch.randn(shape, generator=torch.Generator().manual_seed(seed + index)) for index in range(len(prompts))]
         ).to(device)
+        if embeddings is None:
+            conditioning = {"prompt": prompts}
+        else:
+            conditioning = {"prompt_embeds": embeddings[0], "negative_prompt_embeds": embeddings[1]}
         return pipeline(
-            prompts,
+            **conditioning,
             height=size,
             width=size,
             num_inference_steps=steps,
