@@ -38,6 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("cached", "uncached")
 HEADLINE_METHOD, HEADLINE_TARGET = "lora", 1.5
+NOT_ON_THE_CORE = ("aesthetic_gradient", "null_text_inversion")  # no training steps to time
 
 
 # --- the child: one (method, variant) run ----------------------------------------------------------------------
@@ -165,11 +166,9 @@ def child(method: str, variant: str, steps: int, warmup: int, params_path: Path)
 
 
 def default_methods(params_path: Path) -> list[str]:
-    """The methods of `train.methods` that are built (`BUILT_METHODS`) and whose module exists."""
-    from sdpipe.config.train import BUILT_METHODS
-
+    """The methods of `train.methods` that train through the training core (`sdpipe.training`)."""
     listed = (yaml.safe_load(params_path.read_text(encoding="utf-8")).get("train") or {}).get("methods") or []
-    return [m for m in listed if m in BUILT_METHODS and importlib.util.find_spec(f"sdpipe.methods.{m}") is not None]
+    return [m for m in listed if m not in NOT_ON_THE_CORE]
 
 
 def measure(method: str, variant: str, args) -> dict:

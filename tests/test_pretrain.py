@@ -39,6 +39,9 @@ def test_toy_pretrain_writes_loadable_pipelines_and_resumes_by_phase(tmp_path, m
     variations = StableDiffusionImageVariationPipeline.from_pretrained(variations_dir, local_files_only=True)
     assert variations.unet.config.cross_attention_dim == variations.image_encoder.config.projection_dim
     assert any(not torch.equal(a, b) for a, b in zip(variations.unet.parameters(), pipe.unet.parameters()))
+    # its vision tower trained beside it (variations_train_encoder), the base's did not
+    trained = zip(variations.image_encoder.parameters(), pipe.image_encoder.parameters())
+    assert any(not torch.equal(a, b) for a, b in trained)
     variations.set_progress_bar_config(disable=True)
     image = world.render(world.sample_scene(np.random.default_rng(0)))
     assert variations(image, height=32, width=32, num_inference_steps=2).images[0].size == (32, 32)

@@ -341,3 +341,18 @@ def test_a_resumed_run_continues_the_moving_average(tmp_path, tiny_sd_dir):
     shutil.rmtree(tmp_path / "resumed" / MODEL_DIR)
     with pytest.raises(SdpipeError, match=r"ema\.safetensors: the checkpoint has no EMA weights"):
         run_training(params, ema_toy(), tmp_path / "resumed")
+
+
+def test_compiled_and_channels_last_unets_train_to_the_same_weights(tmp_path, tiny_sd_dir, monkeypatch):
+    """`compile` and `channels_last` change how the UNet runs, not what it computes. The compile runs TorchDynamo and
+    AOTAutograd as `compile: true` does, but without TorchInductor's C++ code generation (minutes on two cores):
+    what is checked is that the training core works with a compiled UNet, not the compiler."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+    write_dataset(tmp_path)
+    plain = run_training(make_params(tmp_path, tiny_sd_dir), toy(2), tmp_path / "plain")
+    fast = run_training(make_params(tmp_path, tiny_sd_dir, {"compile": True, "channels_last": True}), toy(2), tmp_path / "fast")
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+    weights = [load_file(str(tmp_path / run / MODEL_DIR / "conv_in.safetensors"))["weight"] for run in ("plain", "fast")]
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(weights[0], load_file(str(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"])

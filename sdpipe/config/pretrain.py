@@ -53,5 +53,8 @@ class PretrainParams(Section):
     variations_doodles: bool = True
     """Also train the image-variations UNet on the autoencoder's doodles (random polygons, ellipses, strokes), so
     that it learns to draw what an image embedding describes, not only the world's three shapes."""
+    variations_train_encoder: bool = True
+    """Train a copy of CLIP's vision tower beside the image-variations UNet (the embedding then holds what the UNet
+    needs to redraw a picture, e.g. a shape CLIP's captions never named); false: CLIP's embedding as it is."""
     variations_embedding_dropout: float = Field(default=0.1, ge=0, lt=1)
     """Share of image-variations steps' embeddings replaced by zeros (its unconditional input, for guidance)."""

@@ -96,6 +96,14 @@ class TrainCommon(Section):
     """Recompute activations in the backward pass of the trained models instead of storing them: less memory,
     about 20% slower."""
 
+    compile: bool = False
+    """`torch.compile` the UNet (TorchInductor; on the CPU it needs a C++ compiler): faster steps after a compile
+    that takes a minute or more, so worth it for long runs, not for the tiny world's few hundred steps."""
+
+    channels_last: bool = False
+    """Keep the UNet's weights and activations in channels-last memory layout (faster convolutions on recent
+    GPUs with bf16/fp16; on the CPU it rarely helps)."""
+
     checkpoint_every: int = Field(default=100, ge=0)
     """Save the full training state every this many optimizer steps under `<out>/checkpoints/`, to resume from
     after an interruption; 0: never."""

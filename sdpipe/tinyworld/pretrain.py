@@ -130,13 +130,15 @@ def text_condition(caption_ids: torch.Tensor, caption_states: torch.Tensor):
     return condition
 
 
-def image_condition(image_embeds: torch.Tensor):
-    """The image-variations UNet's context for a batch: each image's CLIP image embedding as one token, or zeros
-    (what diffusers' `StableDiffusionImageVariationPipeline` feeds as the unconditional input)."""
+def image_condition(image_encoder: CLIPVisionModelWithProjection, pixel_values: torch.Tensor):
+    """The image-variations UNet's context for a batch: each image's CLIP image embedding (`image_embeds`) as one
+    token, or zeros (what diffusers' `StableDiffusionImageVariationPipeline` feeds as the unconditional input)."""
 
     def condition(index: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
         dropped = torch.rand(len(index), generator=generator) < dropout
-        return torch.where(dropped[:, None], 0.0, image_embeds[index])[:, None, :]
+        with torch.set_grad_enabled(image_encoder.training):
+            embeds = image_encoder(pixel_values[index]).image_embeds
+        return torch.where(dropped[:, None], torch.zeros_like(embeds), embeds)[:, None, :]
 
     return condition
 
@@ -152,13 +154,18 @@ def train_unet(
     params: PretrainParams,
     generator: torch.Generator,
     phase: str = "unet",
+    trained_with: torch.nn.Module | None = None,
 ) -> UNet2DConditionModel:
-    """Trains `unet` on cached latents and the contexts `condition` draws for them; returns the EMA weights."""
+    """Trains `unet` on cached latents and the contexts `condition` draws for them (and `trained_with`, a module
+    the contexts come through, beside it); leaves the EMA weights in both."""
     scheduler = models.train_scheduler()
-    ema = EMAModel(unet.parameters(), decay=params.unet_ema_decay, use_ema_warmup=True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=1e-2)
+    parameters = list(unet.parameters()) + (list(trained_with.parameters()) if trained_with is not None else [])
+    ema = EMAModel(parameters, decay=params.unet_ema_decay, use_ema_warmup=True)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
     schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, steps)
     unet.train()
+    if trained_with is not None:
+        trained_with.train()
     for step in range(steps):
         index = torch.randint(len(latents), (batch_size,), generator=generator)
         context = condition(index, dropout, generator)
@@ -168,11 +175,13 @@ def train_unet(
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, context).sample
         loss = diffusion_loss(prediction, noise, timesteps, scheduler, params.snr_gamma)
-        _step(loss, optimizer, schedule, unet.parameters())
-        ema.step(unet.parameters())
+        _step(loss, optimizer, schedule, parameters)
+        ema.step(parameters)
         _log_step(phase, step, steps, loss)
-    ema.copy_to(unet.parameters())
+    ema.copy_to(parameters)
     unet.eval()
+    if trained_with is not None:
+        trained_with.eval()
     return unet
 
 
@@ -237,41 +246,29 @@ def pretrain(
     image_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
     image_encoder.eval()
 
-    # 4. The image-variations UNet: the text UNet, fine-tuned to take an image's CLIP embedding as its context.
-    variation_latents, variation_embeds = latents, image_embeddings(image_encoder, pixels)
+    # 4. The image-variations model: the text UNet fine-tuned to take an image's CLIP embedding as its context.
+    variation_latents, variation_pixels = latents, pixels
     if params.variations_doodles:
         doodles = vae_pixels[len(pixels) :]
         variation_latents = torch.cat([latents, posterior_means(vae, doodles) * scaling_factor])
-        variation_embeds = torch.cat([variation_embeds, image_embeddings(image_encoder, doodles)])
-    variations_unet = _cached_phase(
-        work_dir, "variations", _phase_key(params, seed, "variations"), UNet2DConditionModel,
-        lambda: train_unet(
-            copy_of(unet), variation_latents, image_condition(variation_embeds),
-            params.variations_steps, params.variations_batch_size, params.variations_lr,
-            params.variations_embedding_dropout, params, torch.Generator().manual_seed(seed + 4), phase="variations",
+        variation_pixels = vae_pixels
+    variations = _cached_phase(
+        work_dir, "variations", _phase_key(params, seed, "variations"), StableDiffusionImageVariationPipeline,
+        lambda: train_variations(
+            unet, image_encoder, vae, variation_latents, variation_pixels, params, torch.Generator().manual_seed(seed + 4)
         ),
         timings,
     )
 
-    scheduler = models.sample_scheduler()
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=models.sample_scheduler(),
         safety_checker=None,
         feature_extractor=models.feature_extractor(),
         image_encoder=image_encoder,
-        requires_safety_checker=False,
-    )
-    variations = StableDiffusionImageVariationPipeline(
-        vae=vae,
-        image_encoder=image_encoder,
-        unet=variations_unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=models.feature_extractor(),
         requires_safety_checker=False,
     )
     with atomic_path(out_dir) as tmp, atomic_path(variations_dir) as variations_tmp:
@@ -293,18 +290,37 @@ def pretrain(
     return metrics
 
 
-def copy_of(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    twin = UNet2DConditionModel.from_config(unet.config)
-    twin.load_state_dict(unet.state_dict())
-    return twin
-
-
-@torch.no_grad()
-def image_embeddings(image_encoder: CLIPVisionModelWithProjection, pixels: torch.Tensor, batch_size: int = 512):
-    """The CLIP image embeddings (`image_embeds`, as `StableDiffusionImageVariationPipeline` computes them) of
-    [-1, 1] images."""
-    values = clip_pixel_values(pixels)
-    return torch.cat([image_encoder(values[i : i + batch_size]).image_embeds for i in range(0, len(values), batch_size)])
+def train_variations(
+    text_unet: UNet2DConditionModel,
+    image_encoder: CLIPVisionModelWithProjection,
+    vae: AutoencoderKL,
+    latents: torch.Tensor,
+    pixels: torch.Tensor,
+    params: PretrainParams,
+    generator: torch.Generator,
+) -> StableDiffusionImageVariationPipeline:
+    """Phase 4: a copy of the text UNet trained on the images' CLIP image embeddings, with a copy of CLIP's vision
+    tower trained beside it (`variations_train_encoder`): then the embedding comes to hold what the UNet needs to
+    redraw any picture (its shape), not only what the world's captions named. Returns the image-variations pipeline."""
+    unet = UNet2DConditionModel.from_config(text_unet.config)
+    unet.load_state_dict(text_unet.state_dict())
+    encoder = CLIPVisionModelWithProjection(image_encoder.config)
+    encoder.load_state_dict(image_encoder.state_dict())
+    encoder.requires_grad_(params.variations_train_encoder).eval()
+    train_unet(
+        unet, latents, image_condition(encoder, clip_pixel_values(pixels)), params.variations_steps,
+        params.variations_batch_size, params.variations_lr, params.variations_embedding_dropout, params, generator,
+        phase="variations", trained_with=encoder if params.variations_train_encoder else None,
+    )
+    return StableDiffusionImageVariationPipeline(
+        vae=vae,
+        image_encoder=encoder,
+        unet=unet,
+        scheduler=models.sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=models.feature_extractor(),
+        requires_safety_checker=False,
+    )
 
 
 @torch.no_grad()
@@ -409,7 +425,8 @@ def _cached_phase(work_dir: Path, phase: str, key: str, model_class, train, timi
     if folder.is_dir():
         log(f"pretrain {phase}: reusing the finished phase in {folder}")
         timings[phase] = json.loads((folder / "seconds.json").read_text())
-        return model_class.from_pretrained(folder).eval()
+        model = model_class.from_pretrained(folder)
+        return model.eval() if isinstance(model, torch.nn.Module) else model
     for stale in work_dir.glob(f"{phase}-*"):
         shutil.rmtree(stale)
     phase_start = time.monotonic()

@@ -122,6 +122,10 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
         models.unet.enable_gradient_checkpointing()
         if method.text_encoder_trains:
             models.text_encoder.gradient_checkpointing_enable()
+    if common.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    if common.compile:
+        models.unet.compile()  # in place: the module, its state dict and its saved files stay as they were
 
     # 4. Optimizer and schedule; accelerate wraps the trained models (mixed precision, DDP) and the optimizer.
     parameter_groups = method.parameter_groups()
@@ -387,6 +391,8 @@ def diffusion_batch_loss(
     low, high = timestep_range(common, models.noise_scheduler)
     timesteps = to_device(sample_timesteps(len(latents), low, high, generator), device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    if common.channels_last:
+        noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
     target = prediction_target(models.noise_scheduler, latents, noise, timesteps)
     with accelerator.autocast():
         encoder_hidden_states = text_cache(captions) if text_cache is not None else method.encode_text(models, captions)
