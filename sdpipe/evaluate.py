@@ -325,6 +325,7 @@ SUMMARY_COLUMNS = (
     "psnr_null_text",
     "psnr_ddim",
     "psnr_gain",
+    "fidelity_at_init",
 )
 
 
