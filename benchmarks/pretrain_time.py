@@ -1,6 +1,6 @@
 """Benchmark: how long the frozen `pretrain` stage takes from scratch on this machine, without running it all.
 
-Times `--steps` optimizer steps of each phase (autoencoder, CLIP, UNet) with the batch sizes of `params.yaml`
+Times `--steps` optimizer steps of each phase (autoencoder, CLIP, UNet, image-variations UNet) with the batch sizes of `params.yaml`
 through the same functions the stage runs, after `--warmup` untimed steps, and extrapolates each phase to its
 configured step count. Rendering and encoding, which the stage does once, are timed whole. Prints the estimate beside
 the time the committed model's own run recorded (`artifacts/pretrain/metrics.json`) and the 90-minute budget.
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 import yaml
+from diffusers import UNet2DConditionModel
+from transformers import CLIPVisionModelWithProjection
 
 from sdpipe.config import parse_params
 from sdpipe.tinyworld import models, pretrain
@@ -65,8 +67,23 @@ def main() -> None:
     caption_ids = torch.zeros((len(latents), len(captions[0])), dtype=torch.long)
     # shapes only: the cost of a step does not depend on the values
     caption_states = torch.randn(2, tokenizer.model_max_length, models.unet_config()["cross_attention_dim"])
-    unet_step = seconds_per_step(
-        lambda p: pretrain.train_unet(latents, caption_ids, caption_states, p, generator), params, "unet", args.steps, args.warmup
+    text_unet = UNet2DConditionModel(**models.unet_config())
+
+    def unet_phase(p):
+        condition = pretrain.text_condition(caption_ids, caption_states)
+        return pretrain.train_unet(
+            text_unet, latents, condition, p.unet_steps, p.unet_batch_size, p.unet_lr, p.caption_dropout, p, generator
+        )
+
+    unet_step = seconds_per_step(unet_phase, params, "unet", args.steps, args.warmup)
+    image_encoder = CLIPVisionModelWithProjection(models.vision_config())
+    variation_latents = torch.cat([latents, latents[: params.vae_doodles]]) if params.variations_doodles else latents
+    variation_pixels = vae_pixels if params.variations_doodles else pixels
+    variations_step = seconds_per_step(
+        lambda p: pretrain.train_variations(
+            text_unet, image_encoder, vae, variation_latents[: len(variation_pixels)], variation_pixels, p, generator
+        ),
+        params, "variations", args.steps, args.warmup,
     )
 
     phases = {
@@ -75,6 +92,7 @@ def main() -> None:
         f"clip ({params.clip_steps} steps x {clip_step:.3f} s)": params.clip_steps * clip_step,
         "encode latents": encode_s,
         f"unet ({params.unet_steps} steps x {unet_step:.3f} s)": params.unet_steps * unet_step,
+        f"variations ({params.variations_steps} steps x {variations_step:.3f} s)": params.variations_steps * variations_step,
     }
     total = sum(phases.values())
     print(f"pretrain from scratch, estimated from {args.steps} timed steps per phase ({torch.get_num_threads()} threads)")
