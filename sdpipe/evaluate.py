@@ -220,9 +220,7 @@ class ClipScorer:
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = np.stack([np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)) for image in images])
-        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
-        pixels = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        pixels = normalized_pixels(images, self.size, CLIP_MEAN, CLIP_STD)
         features = self.model.get_image_features(pixel_values=pixels.to(self.device))
         features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
@@ -233,6 +231,13 @@ class ClipScorer:
         features = self.model.get_text_features(input_ids=tokens.input_ids.to(self.device))
         features = getattr(features, "pooler_output", features)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+
+def normalized_pixels(images: list[Image.Image], size: int, mean, std) -> torch.Tensor:
+    """Images resized (bicubic) to size x size and normalized per channel: [N, 3, size, size] fp32."""
+    pixels = np.stack([np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)) for image in images])
+    pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 class DinoScorer:
@@ -248,9 +253,7 @@ class DinoScorer:
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = np.stack([np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)) for image in images])
-        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
-        pixels = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        pixels = normalized_pixels(images, self.size, IMAGENET_MEAN, IMAGENET_STD)
         cls = self.model(pixel_values=pixels.to(self.device)).last_hidden_state[:, 0]
         return torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
 

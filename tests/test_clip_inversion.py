@@ -13,6 +13,7 @@ from sdpipe.config import parse_params
 from sdpipe.errors import SdpipeError
 from sdpipe.io import write_jsonl
 from sdpipe.methods import clip_inversion
+from sdpipe.methods.aesthetic_gradient import ClipImageEncoder
 from sdpipe.tinyworld.models import build_random_variations_pipeline
 
 IMAGES = 3
@@ -70,7 +71,7 @@ def test_only_the_vector_trains_from_the_dataset_mean(trained):
     from sdpipe.encode import dataset_images
 
     images = dataset_images(trained["root"] / "prepared" / "star")
-    expected_start = clip_inversion.image_encoder(folder, torch.device("cpu")).features(images).mean(0)
+    expected_start = ClipImageEncoder.from_pipeline_folder(folder, torch.device("cpu")).features(images).mean(0)
     torch.testing.assert_close(start[0], expected_start)
     assert trained["metrics"]["steps"] == STEPS
     assert (trained["out_dir"] / "samples" / f"step-{STEPS:06d}.png").is_file()

@@ -118,7 +118,7 @@ class ClipImageEncoder:
 
     @classmethod
     def load(cls, clip_model: str | None, base_model: str, device: torch.device) -> ClipImageEncoder:
-        from transformers import CLIPModel, CLIPVisionModelWithProjection
+        from transformers import CLIPModel
 
         if clip_model:
             folder = Path(clip_model)
@@ -131,8 +131,15 @@ class ClipImageEncoder:
                 f"{KEY}.clip_model is null but base.base_model {base_model!r} has no image_encoder/ and "
                 "feature_extractor/; set clip_model to the CLIP model of its text encoder"
             )
-        model = CLIPVisionModelWithProjection.from_pretrained(base / "image_encoder", use_safetensors=True)
-        return cls(model, CLIPImageProcessor.from_pretrained(base / "feature_extractor"), device)
+        return cls.from_pipeline_folder(base, device)
+
+    @classmethod
+    def from_pipeline_folder(cls, folder: str | Path, device: torch.device) -> ClipImageEncoder:
+        """The `image_encoder/` and `feature_extractor/` of a diffusers pipeline folder."""
+        from transformers import CLIPVisionModelWithProjection
+
+        model = CLIPVisionModelWithProjection.from_pretrained(Path(folder) / "image_encoder", use_safetensors=True)
+        return cls(model, CLIPImageProcessor.from_pretrained(Path(folder) / "feature_extractor"), device)
 
     @torch.no_grad()
     def features(self, images: list[Image.Image]) -> torch.Tensor:

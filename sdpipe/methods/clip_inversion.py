@@ -28,7 +28,7 @@ from safetensors import safe_open
 from sdpipe.encode import dataset_images
 from sdpipe.errors import SdpipeError
 from sdpipe.io import save_safetensors
-from sdpipe.methods.aesthetic_gradient import ClipImageEncoder, CLIPImageProcessor
+from sdpipe.methods.aesthetic_gradient import ClipImageEncoder
 from sdpipe.models.loading import resolve_device
 from sdpipe.tinyworld import oracle
 from sdpipe.tinyworld.scoring import sample
@@ -47,7 +47,8 @@ def train(params, out_dir: Path) -> dict:
     datasets = method_datasets(params.base.datasets, settings.datasets, KEY)
     images = [image for name in datasets for image in dataset_images(Path(params.paths.prepared) / name)]
     if settings.init == "dataset_mean":
-        start = image_encoder(settings.variations_model, resolve_device(params.base.device)).features(images).mean(0)
+        encoder = ClipImageEncoder.from_pipeline_folder(settings.variations_model, resolve_device(params.base.device))
+        start = encoder.features(images).mean(0)
     else:
         start = torch.zeros(image_embedding_size(settings.variations_model))
     return run_training(params, ClipInversion(settings, start[None]), out_dir)
@@ -60,13 +61,6 @@ def check_variations_model(folder: str) -> None:
             f"{KEY}.variations_model: {folder} is not an image-variations model folder ({', '.join(parts)}/); the "
             "tiny world's is built by the `pretrain` stage (artifacts/pretrain/tinyworld_variations)"
         )
-
-
-def image_encoder(folder: str, device: torch.device) -> ClipImageEncoder:
-    from transformers import CLIPVisionModelWithProjection
-
-    model = CLIPVisionModelWithProjection.from_pretrained(Path(folder) / "image_encoder", use_safetensors=True)
-    return ClipImageEncoder(model, CLIPImageProcessor.from_pretrained(Path(folder) / "feature_extractor"), device)
 
 
 def image_embedding_size(folder: str) -> int:

@@ -138,20 +138,27 @@ def build_random_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def build_random_variations_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
-    """Saves a randomly initialized tiny-world image-variations pipeline folder (for tests); returns its path."""
+def variations_pipeline(vae, image_encoder, unet):
+    """A diffusers `StableDiffusionImageVariationPipeline` of the tiny world's parts (no safety checker)."""
     from diffusers import StableDiffusionImageVariationPipeline
 
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    pipe = StableDiffusionImageVariationPipeline(
-        vae=AutoencoderKL(**vae_config()),
-        image_encoder=CLIPVisionModelWithProjection(vision_config()),
-        unet=UNet2DConditionModel(**unet_config()),
+    return StableDiffusionImageVariationPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
         scheduler=sample_scheduler(),
         safety_checker=None,
         feature_extractor=feature_extractor(),
         requires_safety_checker=False,
+    )
+
+
+def build_random_variations_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a randomly initialized tiny-world image-variations pipeline folder (for tests); returns its path."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    pipe = variations_pipeline(
+        AutoencoderKL(**vae_config()), CLIPVisionModelWithProjection(vision_config()), UNet2DConditionModel(**unet_config())
     )
     pipe.save_pretrained(out_dir)
     return out_dir

@@ -312,15 +312,7 @@ def train_variations(
         params.variations_batch_size, params.variations_lr, params.variations_embedding_dropout, params, generator,
         phase="variations", trained_with=encoder if params.variations_train_encoder else None,
     )
-    return StableDiffusionImageVariationPipeline(
-        vae=vae,
-        image_encoder=encoder,
-        unet=unet,
-        scheduler=models.sample_scheduler(),
-        safety_checker=None,
-        feature_extractor=models.feature_extractor(),
-        requires_safety_checker=False,
-    )
+    return models.variations_pipeline(vae, encoder, unet)
 
 
 @torch.no_grad()
