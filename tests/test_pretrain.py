@@ -9,13 +9,13 @@ import torch
 from diffusers import StableDiffusionImageVariationPipeline, StableDiffusionPipeline
 
 from sdpipe.config.pretrain import PretrainParams
-from sdpipe.tinyworld import pretrain, scoring, world
+from sdpipe.tinyworld import oracle, pretrain, scoring, world
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "artifacts" / "pretrain" / "tinyworld"
 
 TOY = PretrainParams(
-    num_images=64, vae_doodles=16, vae_steps=2, vae_batch_size=4, clip_steps=2, clip_batch_size=8,
+    num_images=64, sparks=16, vae_doodles=16, vae_steps=2, vae_batch_size=4, clip_steps=2, clip_batch_size=8,
     unet_steps=2, unet_batch_size=4, variations_steps=2, variations_batch_size=4, warmup_steps=1,
 )
 
@@ -56,10 +56,27 @@ def test_toy_pretrain_writes_loadable_pipelines_and_resumes_by_phase(tmp_path, m
 
 
 def test_training_set_holds_out_stars_and_outlines():
-    _, scenes = pretrain.make_training_set(500, seed=0)
-    assert {s.shape for s in scenes} == set(world.PRETRAIN_SHAPES)
+    _, scenes = pretrain.make_training_set(500, seed=0, sparks=100)
+    assert {s.shape for s in scenes[:500]} == set(world.PRETRAIN_SHAPES)
+    assert {s.shape for s in scenes[500:]} == set(world.SPARK_SHAPES)
     assert {s.style for s in scenes} == {"filled"}
-    assert all("star" not in text and "outlined" not in text for s in scenes for text in pretrain.caption_variants(s))
+    captions = [text for s in scenes for text in pretrain.caption_variants(s)]
+    assert all("star" not in text and "five" not in text and "outlined" not in text for text in captions)
+    assert "a small red spark with four points" in captions
+
+
+def test_sparks_never_have_five_points_and_the_oracle_reads_none_as_a_star():
+    assert 5 not in world.SPARK_POINTS
+    scenes = [world.sample_scene(np.random.default_rng(i), shapes=world.SPARK_SHAPES) for i in range(40)]
+    readings = [r.shape for r in oracle.read_batch(world.render(s) for s in scenes)]
+    assert "star" not in readings, readings
+
+
+def test_sparks_leave_the_world_training_set_as_it_was():
+    # the autoencoder trains on the first num_images: adding sparks must not change them
+    plain, _ = pretrain.make_training_set(50, seed=0)
+    with_sparks, _ = pretrain.make_training_set(50, seed=0, sparks=10)
+    assert torch.equal(plain, with_sparks[:50])
 
 
 @pytest.fixture(scope="module")

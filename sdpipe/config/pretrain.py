@@ -9,6 +9,11 @@ class PretrainParams(Section):
     num_images: int = Field(default=20000, ge=64)
     """Rendered tiny-world training images (held-in shapes, filled style only)."""
 
+    sparks: int = Field(default=6000, ge=0)
+    """Rendered sparks (pointed stars with 3, 4, 6, 7 or 8 points, never the held-out five, captioned
+    `a red spark with four points`) that CLIP and the UNets train on beside the world: the base model learns what
+    pointed shapes are, so that methods which train no UNet weights have something to steer to a star."""
+
     vae_doodles: int = Field(default=10000, ge=0)
     """Random non-world pictures (polygons, ellipses, strokes in any color) the autoencoder also trains on,
     so that it can encode shapes and styles it never saw, as SD's general-purpose VAE can."""

@@ -9,7 +9,8 @@ Four phases, in order, each with the real diffusers / transformers classes:
    one-token context (zeros when dropped), as SD image variations was fine-tuned from SD. CLIP inversion
    optimizes a concept vector in that embedding space.
 The star shape and the outlined style never appear (the autoencoder's doodles, which phases 1 and 4 also see,
-are random polygons, ellipses and strokes). The result is saved as a standard diffusers `StableDiffusionPipeline`
+are random polygons, ellipses and strokes). Phases 2 to 4 also see the world's sparks, pointed stars with any number
+of points but five (see `world`). The result is saved as a standard diffusers `StableDiffusionPipeline`
 folder plus the CLIP vision tower (`image_encoder/`) and the whole CLIP (`clip/`), and a
 `StableDiffusionImageVariationPipeline` folder beside it.
 
@@ -54,10 +55,12 @@ def caption_variants(scene: world.Scene) -> list[str]:
     ]
 
 
-def make_training_set(num_images: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
-    """Renders the held-in world: images as a float tensor in [-1, 1], shape (N, 3, 32, 32)."""
+def make_training_set(num_images: int, seed: int, sparks: int = 0) -> tuple[torch.Tensor, list[world.Scene]]:
+    """Renders the held-in world, then `sparks` spark scenes: images as a float tensor in [-1, 1], shape
+    (N, 3, 32, 32)."""
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng) for _ in range(num_images)]
+    scenes += [world.sample_scene(rng, shapes=world.SPARK_SHAPES) for _ in range(sparks)]
     pixels = torch.from_numpy(world.render_array(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return pixels, scenes
 
@@ -203,14 +206,15 @@ def pretrain(
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
     start = time.monotonic()
-    pixels, scenes = make_training_set(params.num_images, seed)
+    pixels, scenes = make_training_set(params.num_images, seed, params.sparks)
     captions = [caption_variants(scene) for scene in scenes]
     log(f"pretrain: {len(scenes)} training images rendered")
 
     tokenizer_dir = work_dir / "tokenizer"
     tokenizer = build_clip_tokenizer(tokenizer_dir)
 
-    vae_pixels = torch.cat([pixels, make_doodles(params.vae_doodles, seed + 3)])
+    doodles = make_doodles(params.vae_doodles, seed + 3)
+    vae_pixels = torch.cat([pixels[: params.num_images], doodles])  # the sparks come after the autoencoder
     vae = _cached_phase(
         work_dir, "vae", _phase_key(params, seed, "vae"), AutoencoderKL,
         lambda: train_vae(vae_pixels, params, torch.Generator().manual_seed(seed)), timings,
@@ -249,9 +253,8 @@ def pretrain(
     # 4. The image-variations model: the text UNet fine-tuned to take an image's CLIP embedding as its context.
     variation_latents, variation_pixels = latents, pixels
     if params.variations_doodles:
-        doodles = vae_pixels[len(pixels) :]
         variation_latents = torch.cat([latents, posterior_means(vae, doodles) * scaling_factor])
-        variation_pixels = vae_pixels
+        variation_pixels = torch.cat([pixels, doodles])
     variations = _cached_phase(
         work_dir, "variations", _phase_key(params, seed, "variations"), StableDiffusionImageVariationPipeline,
         lambda: train_variations(
@@ -403,6 +406,7 @@ def _phase_key(params: PretrainParams, seed: int, phase: str) -> str:
     fields = {"num_images", "warmup_steps"}
     for name in order[: order.index(phase) + 1]:
         fields |= {f for f in PretrainParams.model_fields if f.startswith(name)}
+    fields |= {"sparks"} if phase != "vae" else set()
     fields |= {"snr_gamma", "caption_dropout"} if phase in ("unet", "variations") else set()
     payload = json.dumps({"seed": seed, **params.model_dump(include=fields)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]

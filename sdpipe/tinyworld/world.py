@@ -3,6 +3,12 @@
 A scene is one shape (circle, square, triangle or star) of one named color, filled or outlined, at a
 random size and position on a light background. `star` and `outlined` are held out of pretraining, so the
 personalization methods have something the base model does not know.
+
+Pretraining also sees *sparks*: pointed stars with 3, 4, 6, 7 or 8 points, captioned `a red spark with four points`.
+Never five: the star stays unseen, but the base model learns what pointed shapes are, as a real base model has seen
+countless things near any new concept. Methods that train no UNet weights (textual inversion, DreamArtist, CLIP
+inversion) can only steer the UNet to what it can already draw; without sparks a world of three shapes leaves
+them nothing to steer to.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ HELD_OUT_SHAPES = ("star",)
 HELD_OUT_STYLES = ("outlined",)
 PRETRAIN_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES)
 PRETRAIN_STYLES = tuple(s for s in STYLES if s not in HELD_OUT_STYLES)
+
+SPARK_POINTS = (3, 4, 6, 7, 8)  # never 5: that is the held-out star
+SPARK_SHAPES = tuple(f"spark{points}" for points in SPARK_POINTS)
+NUMBER_WORDS = {3: "three", 4: "four", 6: "six", 7: "seven", 8: "eight"}
+STAR_INNER_RADIUS = 0.45  # of the outer radius
 
 OUTLINE_WIDTH = 2.5  # pixels at the final resolution
 
@@ -95,19 +106,33 @@ def shape_polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":  # pointing up, filling its bounding box
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "star":  # five points, first one up; scaled so its bounding box is `extent` tall
-        inner = 0.45
-        points = []
-        for k in range(10):
-            angle = -math.pi / 2 + k * math.pi / 5
-            radius = r if k % 2 == 0 else r * inner
-            points.append((math.cos(angle) * radius, math.sin(angle) * radius))
-        top = min(y for _, y in points)
-        bottom = max(y for _, y in points)
-        scale = extent / (bottom - top)
-        offset = (top + bottom) / 2
-        return [(cx + x * scale, cy + (y - offset) * scale) for x, y in points]
+    if shape == "star":
+        return star_polygon(5, cx, cy, extent)
+    if shape in SPARK_SHAPES:
+        return star_polygon(int(shape.removeprefix("spark")), cx, cy, extent)
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def star_polygon(points: int, cx: float, cy: float, extent: float) -> list[tuple[float, float]]:
+    """A star with `points` points, the first one up, scaled so its bounding box is `extent` tall."""
+    r = extent / 2
+    vertices = []
+    for k in range(2 * points):
+        angle = -math.pi / 2 + k * math.pi / points
+        radius = r if k % 2 == 0 else r * STAR_INNER_RADIUS
+        vertices.append((math.cos(angle) * radius, math.sin(angle) * radius))
+    top = min(y for _, y in vertices)
+    bottom = max(y for _, y in vertices)
+    scale = extent / (bottom - top)
+    offset = (top + bottom) / 2
+    return [(cx + x * scale, cy + (y - offset) * scale) for x, y in vertices]
+
+
+def shape_words(shape: str) -> str:
+    """How captions name a shape: `circle`, or `spark with four points` for a spark."""
+    if shape in SPARK_SHAPES:
+        return f"spark with {NUMBER_WORDS[int(shape.removeprefix('spark'))]} points"
+    return shape
 
 
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
@@ -155,7 +180,7 @@ def caption(
         words.append(scene.style)
     if trigger is not None:
         words.append(trigger)
-    words.append(class_word if class_word is not None else scene.shape)
+    words.append(class_word if class_word is not None else shape_words(scene.shape))
     text = " ".join(words)
     if with_position:
         text += f" at the {scene.position}"
