@@ -51,9 +51,9 @@ def main() -> None:
     full = parse_params(yaml.safe_load(Path(args.params).read_text(encoding="utf-8")))
     params, seed = full.pretrain, full.base.seed
     torch.manual_seed(seed)
-    (pixels, scenes), render_s = timed(lambda: pretrain.make_training_set(params.num_images, seed))
+    (pixels, scenes), render_s = timed(lambda: pretrain.make_training_set(params.num_images, seed, params.sparks))
     doodles, doodle_s = timed(lambda: pretrain.make_doodles(params.vae_doodles, seed + 3))
-    vae_pixels = torch.cat([pixels, doodles])
+    vae_pixels = pretrain.vae_training_pixels(pixels, doodles, params)
     captions = [pretrain.caption_variants(scene) for scene in scenes]
     tokenizer = build_clip_tokenizer(Path("/tmp") / "sdpipe-pretrain-time-tokenizer")
     generator = torch.Generator().manual_seed(seed)
@@ -63,7 +63,7 @@ def main() -> None:
     clip_step = seconds_per_step(
         lambda p: pretrain.train_clip(pixels, captions, tokenizer, p, generator), params, "clip", args.steps, args.warmup
     )
-    (latents, _), encode_s = timed(lambda: pretrain.encode_latents(vae, pixels))
+    (latents, scaling_factor), encode_s = timed(lambda: pretrain.encode_latents(vae, pixels))
     caption_ids = torch.zeros((len(latents), len(captions[0])), dtype=torch.long)
     # shapes only: the cost of a step does not depend on the values
     caption_states = torch.randn(2, tokenizer.model_max_length, models.unet_config()["cross_attention_dim"])
@@ -77,20 +77,19 @@ def main() -> None:
 
     unet_step = seconds_per_step(unet_phase, params, "unet", args.steps, args.warmup)
     image_encoder = CLIPVisionModelWithProjection(models.vision_config())
-    variation_latents = torch.cat([latents, latents[: params.vae_doodles]]) if params.variations_doodles else latents
-    variation_pixels = vae_pixels if params.variations_doodles else pixels
+    (variation_latents, variation_pixels), variations_encode_s = timed(
+        lambda: pretrain.variations_training_set(vae, latents, scaling_factor, pixels, doodles, params)
+    )
     variations_step = seconds_per_step(
-        lambda p: pretrain.train_variations(
-            text_unet, image_encoder, vae, variation_latents[: len(variation_pixels)], variation_pixels, p, generator
-        ),
+        lambda p: pretrain.train_variations(text_unet, image_encoder, vae, variation_latents, variation_pixels, p, generator),
         params, "variations", args.steps, args.warmup,
     )
 
     phases = {
-        "render + doodles": render_s + doodle_s,
+        "render (world, sparks) + doodles": render_s + doodle_s,
         f"vae ({params.vae_steps} steps x {vae_step:.3f} s)": params.vae_steps * vae_step,
         f"clip ({params.clip_steps} steps x {clip_step:.3f} s)": params.clip_steps * clip_step,
-        "encode latents": encode_s,
+        "encode latents": encode_s + variations_encode_s,
         f"unet ({params.unet_steps} steps x {unet_step:.3f} s)": params.unet_steps * unet_step,
         f"variations ({params.variations_steps} steps x {variations_step:.3f} s)": params.variations_steps * variations_step,
     }

@@ -72,6 +72,21 @@ def make_doodles(count: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(doodles).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def vae_training_pixels(pixels: torch.Tensor, doodles: torch.Tensor, params: PretrainParams) -> torch.Tensor:
+    """The autoencoder's images: the world's scenes (not the sparks, which come after it) and the doodles."""
+    return torch.cat([pixels[: params.num_images], doodles])
+
+
+def variations_training_set(
+    vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float, pixels: torch.Tensor, doodles: torch.Tensor,
+    params: PretrainParams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 4's latents and images: the training set's, and with `variations_doodles` the doodles' too."""
+    if not params.variations_doodles:
+        return latents, pixels
+    return torch.cat([latents, posterior_means(vae, doodles) * scaling_factor]), torch.cat([pixels, doodles])
+
+
 def train_vae(pixels: torch.Tensor, params: PretrainParams, generator: torch.Generator) -> AutoencoderKL:
     """Trains the autoencoder on `pixels`: world scenes and doodles, so it is a general image codec."""
     vae = AutoencoderKL(**models.vae_config())
@@ -214,7 +229,7 @@ def pretrain(
     tokenizer = build_clip_tokenizer(tokenizer_dir)
 
     doodles = make_doodles(params.vae_doodles, seed + 3)
-    vae_pixels = torch.cat([pixels[: params.num_images], doodles])  # the sparks come after the autoencoder
+    vae_pixels = vae_training_pixels(pixels, doodles, params)
     vae = _cached_phase(
         work_dir, "vae", _phase_key(params, seed, "vae"), AutoencoderKL,
         lambda: train_vae(vae_pixels, params, torch.Generator().manual_seed(seed)), timings,
@@ -251,10 +266,7 @@ def pretrain(
     image_encoder.eval()
 
     # 4. The image-variations model: the text UNet fine-tuned to take an image's CLIP embedding as its context.
-    variation_latents, variation_pixels = latents, pixels
-    if params.variations_doodles:
-        variation_latents = torch.cat([latents, posterior_means(vae, doodles) * scaling_factor])
-        variation_pixels = torch.cat([pixels, doodles])
+    variation_latents, variation_pixels = variations_training_set(vae, latents, scaling_factor, pixels, doodles, params)
     variations = _cached_phase(
         work_dir, "variations", _phase_key(params, seed, "variations"), StableDiffusionImageVariationPipeline,
         lambda: train_variations(

@@ -39,7 +39,8 @@ PRETRAIN_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES)
 PRETRAIN_STYLES = tuple(s for s in STYLES if s not in HELD_OUT_STYLES)
 
 SPARK_POINTS = (3, 4, 6, 7, 8)  # never 5: that is the held-out star
-SPARK_SHAPES = tuple(f"spark{points}" for points in SPARK_POINTS)
+SPARKS = {f"spark{points}": points for points in SPARK_POINTS}  # shape name -> number of points
+SPARK_SHAPES = tuple(SPARKS)
 NUMBER_WORDS = {3: "three", 4: "four", 6: "six", 7: "seven", 8: "eight"}
 STAR_INNER_RADIUS = 0.45  # of the outer radius
 
@@ -108,9 +109,9 @@ def shape_polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "star":
         return star_polygon(5, cx, cy, extent)
-    if shape in SPARK_SHAPES:
-        return star_polygon(int(shape.removeprefix("spark")), cx, cy, extent)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if shape in SPARKS:
+        return star_polygon(SPARKS[shape], cx, cy, extent)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + SPARK_SHAPES}")
 
 
 def star_polygon(points: int, cx: float, cy: float, extent: float) -> list[tuple[float, float]]:
@@ -130,8 +131,8 @@ def star_polygon(points: int, cx: float, cy: float, extent: float) -> list[tuple
 
 def shape_words(shape: str) -> str:
     """How captions name a shape: `circle`, or `spark with four points` for a spark."""
-    if shape in SPARK_SHAPES:
-        return f"spark with {NUMBER_WORDS[int(shape.removeprefix('spark'))]} points"
+    if shape in SPARKS:
+        return f"spark with {NUMBER_WORDS[SPARKS[shape]]} points"
     return shape
 
 
