@@ -33,7 +33,7 @@ from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, write_json, write_jsonl
 from sdpipe.models.loading import load_pipeline, model_fingerprint, resolve_device, resolve_dtype
 from sdpipe.progress import log, track
-from sdpipe.training.data import Example, load_examples
+from sdpipe.training.data import Example, PriorPreservation, load_examples
 from sdpipe.training.rng import torch_generator
 
 KEY = "train.dreambooth.class_images"
@@ -172,6 +172,27 @@ def load_class_examples(
         name = CLASS_DATASET
     examples = load_examples(latents_dir, captions_dir, [name], base.base_model)
     return examples, [latents_dir / f"{name}.safetensors", captions_dir / f"{name}.jsonl"]
+
+
+def shared_prior_preservation(params, loss_weight: float, datasets: list[str], key: str) -> PriorPreservation | None:
+    """For a method other than DreamBooth (`key`, training on `datasets`): the class images the `class_images` stage
+    made with `train.dreambooth.class_images`, trained beside its own with `loss_weight`; None when that is 0."""
+    if loss_weight == 0:
+        return None
+    settings = params.train.dreambooth.class_images
+    if settings.dataset is not None and settings.dataset in datasets:
+        raise SdpipeError(
+            f"{KEY}.dataset {settings.dataset!r} is also a dataset {key} trains on; class images must be other "
+            "images of the class"
+        )
+    examples, files = load_class_examples(
+        settings,
+        class_images_dir=Path(params.paths.class_images),
+        latents_dir=Path(params.paths.latents),
+        captions_dir=Path(params.paths.captions),
+        base=params.base,
+    )
+    return PriorPreservation(examples=examples, files=files, loss_weight=loss_weight)
 
 
 def check_generated(class_images_dir: Path, settings: ClassImagesParams, base: BaseParams) -> None:

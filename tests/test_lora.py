@@ -8,13 +8,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sdpipe.class_images import write_class_images
 from sdpipe.config import ParamsError, parse_params
 from sdpipe.config.train import LoraParams
+from sdpipe.errors import SdpipeError
 from sdpipe.formats import kohya
 from sdpipe.methods import lora
 from sdpipe.methods.lora import Lora
 from sdpipe.models.loading import model_fingerprint
-from sdpipe.training import MODEL_DIR
+from sdpipe.training import METRICS_FILE, MODEL_DIR
 from sdpipe.training.loop import load_models
 
 STEPS = 3
@@ -193,3 +195,43 @@ def test_lora_is_a_built_method_with_checked_params():
         parse_params({"train": {"lora": {"algorithm": "oft"}}})
     with pytest.raises(ParamsError, match="train.lora.dropout"):
         parse_params({"train": {"lora": {"dropout": 1.0}}})
+
+
+def prior_params(root, tiny_sd_dir, class_dataset=None, lora_datasets=("star",)):
+    generated = {"prompts": ["a red circle", "a blue square"], "num_images": 4, "steps": 2, "batch_size": 4}
+    class_images = {"dataset": class_dataset} if class_dataset else generated
+    return parse_params(
+        {
+            "paths": {"latents": f"{root}/latents", "captions": f"{root}/captions", "train": f"{root}/train",
+                      "class_images": f"{root}/class_images"},
+            "base": {"base_model": str(tiny_sd_dir), "datasets": ["star", "shapes"], "device": "cpu"},
+            "train": {
+                "methods": ["lora"],
+                "common": {"batch_size": 2, "checkpoint_every": 0, "sample_every": 0},
+                "dreambooth": {"datasets": ["star"], "class_images": class_images},
+                "lora": {"datasets": list(lora_datasets) if lora_datasets else None, "max_steps": 2, "conv": False, "train_text_encoder": False,
+                         "prior_loss_weight": 1.0},
+            },
+        }
+    )
+
+
+def test_lora_trains_beside_the_class_images_and_records_them(tmp_path, tiny_sd_dir, write_star_dataset):
+    write_star_dataset(tmp_path)
+    params = prior_params(tmp_path, tiny_sd_dir)
+    write_class_images(params.paths.class_images, params.train.dreambooth.class_images, params.base, params.encode)
+    out_dir = tmp_path / "train" / "lora"
+    lora.train(params, out_dir)
+    assert json.loads((out_dir / METRICS_FILE).read_text())["class_images"] == 4
+    class_loss = out_dir / "live" / "plots" / "metrics" / "class_loss.tsv"
+    assert len(class_loss.read_text().splitlines()) == 1 + 2  # header + one row per step
+    _, metadata = kohya.load_kohya_lora(out_dir / MODEL_DIR / lora.LORA_FILE)
+    assert metadata["ss_num_reg_images"] == "4" and metadata["ss_prior_loss_weight"] == "1.0"
+
+
+def test_class_images_that_are_the_concept_are_refused(tmp_path, tiny_sd_dir, write_star_dataset):
+    write_star_dataset(tmp_path)
+    params = prior_params(tmp_path, tiny_sd_dir, class_dataset="shapes", lora_datasets=None)  # null: all datasets
+    with pytest.raises(SdpipeError, match="'shapes' is also a dataset train.lora trains on"):
+        lora.train(params, tmp_path / "train" / "lora")
+    assert not (tmp_path / "train").exists()

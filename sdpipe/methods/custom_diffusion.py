@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sdpipe.class_images import load_class_examples
+from sdpipe.class_images import shared_prior_preservation
 from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import CustomDiffusionParams
 from sdpipe.data.captions import load_captions
@@ -164,23 +164,7 @@ class CustomDiffusion(TokenRowsTraining, TrainingMethod):
         ]
 
     def prior_preservation(self) -> PriorPreservation | None:
-        if self.params.prior_loss_weight == 0:
-            return None
-        settings = self.all_params.train.dreambooth.class_images  # the settings the `class_images` stage uses
-        if settings.dataset is not None and settings.dataset in self.params.datasets:
-            raise SdpipeError(
-                f"train.dreambooth.class_images.dataset {settings.dataset!r} is also a concept of {KEY}.concepts; "
-                "class images must be other images of the class"
-            )
-        paths = self.all_params.paths
-        examples, files = load_class_examples(
-            settings,
-            class_images_dir=Path(paths.class_images),
-            latents_dir=Path(paths.latents),
-            captions_dir=Path(paths.captions),
-            base=self.all_params.base,
-        )
-        return PriorPreservation(examples=examples, files=files, loss_weight=self.params.prior_loss_weight)
+        return shared_prior_preservation(self.all_params, self.params.prior_loss_weight, self.params.datasets, KEY)
 
     def caption_ops(self, common_ops: CaptionOps) -> CaptionOps:
         """`train.common.caption_ops` with this method's own `caption_dropout`, when it has one."""

@@ -16,7 +16,9 @@ W + ΔW. How ΔW is made is the `algorithm` (through peft):
    the CLIP text encoder's q/k/v/out_proj. Only the adapters train.
 2. The training core (`sdpipe.training`) runs the diffusion loss on the captions as they are: the trigger word
    of the captions (`sks`) becomes the concept because the adapted cross-attention learns what it means. The text
-   encoder's adapters train at their own rate (a second optimizer parameter group).
+   encoder's adapters train at their own rate (a second optimizer parameter group). With `prior_loss_weight` the
+   class images (kohya's regularization images; the `class_images` stage's, shared with DreamBooth) train beside
+   the concept's, which keeps the rest of the class drawing as before.
 3. `save` writes `lora.safetensors` in the kohya/A1111 layout (`sdpipe.formats.kohya`: `lora_unet_…`, `lora_te_…`,
    `.alpha`; LyCORIS names for LoHa/LoKr/DoRA) with kohya's `ss_*` and the SAI `modelspec.*` metadata: A1111,
    ComfyUI and kohya's tools load it as it is (`<lora:lora:1>`), diffusers reads plain LoRA
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from sdpipe.class_images import shared_prior_preservation
 from sdpipe.config.train import LoraParams
 from sdpipe.data.captions import load_captions, split_tags
 from sdpipe.errors import SdpipeError
@@ -45,7 +48,10 @@ from sdpipe.formats.kohya import load_kohya_lora, merge_lora, peft_to_kohya, sav
 from sdpipe.io import save_safetensors
 from sdpipe.models.loading import load_pipeline, model_fingerprint, resolve_device, resolve_dtype
 from sdpipe.training import Models, TrainingMethod, run_training
+from sdpipe.training.data import PriorPreservation
 from sdpipe.training.loop import method_datasets
+
+KEY = "train.lora"
 
 LORA_FILE = "lora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -59,9 +65,10 @@ DIFFUSERS_LOADABLE = ("lora", "dora")  # algorithms diffusers' load_lora_weights
 def train(params, out_dir: Path) -> dict:
     """The `train@lora` stage: trains the adapters and writes `<out_dir>/model/lora.safetensors` (and more)."""
     lora = params.train.lora
-    datasets = method_datasets(params.base.datasets, lora.datasets, "train.lora")
-    method = Lora(lora, base_model=params.base.base_model, run_metadata=run_metadata(params, datasets))
-    return run_training(params, method, out_dir)
+    datasets = method_datasets(params.base.datasets, lora.datasets, KEY)
+    prior = shared_prior_preservation(params, lora.prior_loss_weight, datasets, KEY)
+    metadata = run_metadata(params, datasets, prior)
+    return run_training(params, Lora(lora, base_model=params.base.base_model, run_metadata=metadata, prior=prior), out_dir)
 
 
 def sampling_pipeline(params, model_dir: Path, device: torch.device):
@@ -88,9 +95,16 @@ class Lora(TrainingMethod):
 
     name = "lora"
 
-    def __init__(self, params: LoraParams, base_model: str, run_metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        params: LoraParams,
+        base_model: str,
+        run_metadata: dict[str, str] | None = None,
+        prior: PriorPreservation | None = None,
+    ):
         super().__init__(params)
         self.base_model = base_model
+        self.prior = prior
         self.run_metadata = dict(run_metadata or {})
         self.trained_models = ("unet", "text_encoder") if params.train_text_encoder else ("unet",)
         self.configs: dict[str, object] = {}  # the peft config of each adapted model
@@ -116,6 +130,9 @@ class Lora(TrainingMethod):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.unet_parameters + self.text_encoder_parameters
+
+    def prior_preservation(self) -> PriorPreservation | None:
+        return self.prior
 
     def parameter_groups(self) -> list[dict]:
         groups = [{"params": self.unet_parameters}]
@@ -253,7 +270,7 @@ def network_args(params: LoraParams) -> dict[str, str]:
     return args
 
 
-def run_metadata(params, datasets: list[str]) -> dict[str, str]:
+def run_metadata(params, datasets: list[str], prior: PriorPreservation | None = None) -> dict[str, str]:
     """The `ss_*` keys that describe the training run and its data (known before training)."""
     common, lora = params.train.common, params.train.lora
     tag_frequency: dict[str, dict[str, int]] = {}
@@ -272,7 +289,8 @@ def run_metadata(params, datasets: list[str]) -> dict[str, str]:
     return {
         "ss_training_comment": "trained with sdpipe (train@lora)",
         "ss_num_train_images": str(images),
-        "ss_num_reg_images": "0",
+        "ss_num_reg_images": str(len(prior.examples) if prior else 0),
+        "ss_prior_loss_weight": str(float(prior.loss_weight if prior else 0.0)),
         "ss_num_epochs": str(epochs),
         "ss_epoch": str(epochs),
         "ss_batch_size_per_device": str(common.batch_size),
