@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 40
 
 
-def write_project(root: Path, base_model: Path, write_star_dataset) -> Path:
+def write_project(root: Path, base_model: Path, write_star_dataset, max_steps: int = MAX_STEPS) -> Path:
     """A project folder with the `star` dataset's captions and latents and a params.yaml training TI on them."""
     write_star_dataset(root)
     params = {
@@ -39,7 +39,7 @@ def write_project(root: Path, base_model: Path, write_star_dataset) -> Path:
                 "sample_every": 10,
                 "sample_steps": 2,
             },
-            "textual_inversion": {"datasets": ["star"], "max_steps": MAX_STEPS},
+            "textual_inversion": {"datasets": ["star"], "max_steps": max_steps},
         },
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -105,9 +105,18 @@ def test_a_killed_train_stage_resumes_and_ends_as_an_uninterrupted_run(tmp_path,
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_train_stage_writes_no_model(tmp_path, tiny_sd_dir, write_star_dataset, signal_number):
-    out_dir = write_project(tmp_path, tiny_sd_dir, write_star_dataset)
+    # far more steps than run before the signal lands: a busy machine may delay this process's polling, and a short
+    # run could then finish (and write its model) before it is stopped
+    out_dir = write_project(tmp_path, tiny_sd_dir, write_star_dataset, max_steps=100_000)
     process = subprocess.Popen(
-        train_command(), cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        train_command(),
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # as from a terminal: a shell without job control starts background commands with SIGINT ignored, and
+        # the stage, inheriting that, would never see the Ctrl-C this test sends
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300
