@@ -118,7 +118,8 @@ def main() -> None:
             unconditional = encode_text([""])
         else:
             pipeline.unet = UNet2DConditionModel.from_pretrained(args.variations, subfolder="unet")
-            start = ClipImageEncoder.from_pipeline_folder(args.variations, torch.device("cpu")).features(images)[:, None]
+            image_encoder = ClipImageEncoder.from_pipeline_folder(args.variations, torch.device("cpu"))
+            start = image_encoder.features(images)[:, None]
             unconditional = torch.zeros_like(start[:1])  # the variations model's unconditional input
         contexts = fit_contexts(pipeline.unet, scheduler, latents, start, args.steps, args.lr)
         samples = sample_contexts(pipeline, contexts, unconditional, args.seeds)

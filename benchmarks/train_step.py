@@ -8,12 +8,14 @@ prepared under `artifacts/` (run `dvc repro encode class_images` first):
 
 - `cached`: the training core as the `train@<method>` stage runs it;
 - `uncached`: the same, but every batch's latents are encoded from its prepared images
-  (`artifacts/prepared/<dataset>/images`; the class images for the methods that train with them) by the VAE, read from disk at each
-  step, and `train.common.cache_text_embeddings` is off, so the text encoder encodes the captions at each step.
+  (`artifacts/prepared/<dataset>/images`; the class images for the methods that train with them) by the VAE,
+  read from disk at each step, and `train.common.cache_text_embeddings` is off, so the text encoder encodes the
+  captions at each step.
 
 Each (method, variant) runs in its own subprocess (its peak RSS is its own): `--warmup` steps, then `--steps`
 timed steps (sampling and checkpoints off). Printed per run: seconds per optimizer step (mean over the timed steps),
-images per second (the method's images and its class images, if it trains with them), peak RSS, peak CUDA memory on CUDA.
+images per second (the method's images and its class images, if it trains with them), peak RSS, peak CUDA memory
+on CUDA.
 The headline is LoRA's uncached / cached time per step (target >= 1.5x).
 
     python benchmarks/train_step.py [--steps 30] [--warmup 5] [--methods lora,finetune] [--variants cached,uncached]
@@ -22,7 +24,6 @@ The headline is LoRA's uncached / cached time per step (target >= 1.5x).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import resource

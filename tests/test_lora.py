@@ -209,8 +209,13 @@ def prior_params(root, tiny_sd_dir, class_dataset=None, lora_datasets=("star",))
                 "methods": ["lora"],
                 "common": {"batch_size": 2, "checkpoint_every": 0, "sample_every": 0},
                 "dreambooth": {"datasets": ["star"], "class_images": class_images},
-                "lora": {"datasets": list(lora_datasets) if lora_datasets else None, "max_steps": 2, "conv": False, "train_text_encoder": False,
-                         "prior_loss_weight": 1.0},
+                "lora": {
+                    "datasets": list(lora_datasets) if lora_datasets else None,
+                    "max_steps": 2,
+                    "conv": False,
+                    "train_text_encoder": False,
+                    "prior_loss_weight": 1.0,
+                },
             },
         }
     )

@@ -68,7 +68,8 @@ def train(params, out_dir: Path) -> dict:
     datasets = method_datasets(params.base.datasets, lora.datasets, KEY)
     prior = shared_prior_preservation(params, lora.prior_loss_weight, datasets, KEY)
     metadata = run_metadata(params, datasets, prior)
-    return run_training(params, Lora(lora, base_model=params.base.base_model, run_metadata=metadata, prior=prior), out_dir)
+    method = Lora(lora, base_model=params.base.base_model, run_metadata=metadata, prior=prior)
+    return run_training(params, method, out_dir)
 
 
 def sampling_pipeline(params, model_dir: Path, device: torch.device):
