@@ -30,6 +30,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from sdpipe.encode import dataset_images, encode_pixels, load_pixels, read_manifest
 from sdpipe.methods.aesthetic_gradient import ClipImageEncoder
 from sdpipe.tinyworld import oracle, scoring
+from sdpipe.tinyworld.pretrain import encode_text
 
 
 def dataset_latents(vae, prepared_dir: Path) -> torch.Tensor:
@@ -92,12 +93,6 @@ def main() -> None:
     text_unet = pipeline.unet
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
-    def encode_text(prompts: list[str]) -> torch.Tensor:
-        ids = pipeline.tokenizer(prompts, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            return pipeline.text_encoder(ids)[0]
-
     cases = [  # (what it bounds, UNet, dataset, does a sample count)
         ("textual inversion, DreamArtist", "text", "star", 0.6, lambda read, image: read.shape == "star"),
         ("aesthetic gradient", "text", "outlined", 0.6,
@@ -114,8 +109,8 @@ def main() -> None:
         print(f"{unet_kind} UNet, {dataset} ({len(images)} images): fitting {args.steps} steps")
         if unet_kind == "text":
             pipeline.unet = text_unet
-            start = encode_text([f"a {reading.color} shape" for reading in readings])
-            unconditional = encode_text([""])
+            start = encode_text(pipeline.text_encoder, pipeline.tokenizer, [f"a {r.color} shape" for r in readings])
+            unconditional = encode_text(pipeline.text_encoder, pipeline.tokenizer, [""])
         else:
             pipeline.unet = UNet2DConditionModel.from_pretrained(args.variations, subfolder="unet")
             image_encoder = ClipImageEncoder.from_pipeline_folder(args.variations, torch.device("cpu"))

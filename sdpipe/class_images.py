@@ -27,6 +27,7 @@ from PIL import Image
 
 from sdpipe.config.base import BaseParams
 from sdpipe.config.encode import EncodeParams
+from sdpipe.config.paths import PathsParams
 from sdpipe.config.train import ClassImagesParams
 from sdpipe.encode import encode_dataset
 from sdpipe.errors import SdpipeError
@@ -174,25 +175,32 @@ def load_class_examples(
     return examples, [latents_dir / f"{name}.safetensors", captions_dir / f"{name}.jsonl"]
 
 
+def class_prior(
+    settings: ClassImagesParams, loss_weight: float, paths: PathsParams, base: BaseParams
+) -> PriorPreservation | None:
+    """The class images `settings` describe, trained beside a method's own with `loss_weight`; None when that is 0."""
+    if loss_weight == 0:
+        return None
+    examples, files = load_class_examples(
+        settings,
+        class_images_dir=Path(paths.class_images),
+        latents_dir=Path(paths.latents),
+        captions_dir=Path(paths.captions),
+        base=base,
+    )
+    return PriorPreservation(examples=examples, files=files, loss_weight=loss_weight)
+
+
 def shared_prior_preservation(params, loss_weight: float, datasets: list[str], key: str) -> PriorPreservation | None:
     """For a method other than DreamBooth (`key`, training on `datasets`): the class images the `class_images` stage
     made with `train.dreambooth.class_images`, trained beside its own with `loss_weight`; None when that is 0."""
-    if loss_weight == 0:
-        return None
     settings = params.train.dreambooth.class_images
-    if settings.dataset is not None and settings.dataset in datasets:
+    if loss_weight != 0 and settings.dataset is not None and settings.dataset in datasets:
         raise SdpipeError(
             f"{KEY}.dataset {settings.dataset!r} is also a dataset {key} trains on; class images must be other "
             "images of the class"
         )
-    examples, files = load_class_examples(
-        settings,
-        class_images_dir=Path(params.paths.class_images),
-        latents_dir=Path(params.paths.latents),
-        captions_dir=Path(params.paths.captions),
-        base=params.base,
-    )
-    return PriorPreservation(examples=examples, files=files, loss_weight=loss_weight)
+    return class_prior(settings, loss_weight, params.paths, params.base)
 
 
 def check_generated(class_images_dir: Path, settings: ClassImagesParams, base: BaseParams) -> None:

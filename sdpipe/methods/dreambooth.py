@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sdpipe.class_images import load_class_examples
+from sdpipe.class_images import class_prior
 from sdpipe.config.base import BaseParams
 from sdpipe.config.paths import PathsParams
 from sdpipe.config.train import DreamBoothParams
@@ -46,13 +46,4 @@ class DreamBooth(WeightTrainingMethod):
         self.paths = paths
 
     def prior_preservation(self) -> PriorPreservation | None:
-        if self.params.prior_loss_weight == 0:
-            return None
-        examples, files = load_class_examples(
-            self.params.class_images,
-            class_images_dir=Path(self.paths.class_images),
-            latents_dir=Path(self.paths.latents),
-            captions_dir=Path(self.paths.captions),
-            base=self.base,
-        )
-        return PriorPreservation(examples=examples, files=files, loss_weight=self.params.prior_loss_weight)
+        return class_prior(self.params.class_images, self.params.prior_loss_weight, self.paths, self.base)
