@@ -21,7 +21,8 @@ from sdpipe.methods.dreamartist import DreamArtist
 from sdpipe.tinyworld import scoring
 from sdpipe.training import CHECKPOINTS_DIR, MODEL_DIR
 from sdpipe.training.checkpoints import list_checkpoints
-from sdpipe.training.loop import diffusion_batch_loss, load_models
+from sdpipe.training.data import Batch
+from sdpipe.training.loop import batch_loss, load_models
 
 STEPS = 3
 
@@ -78,9 +79,11 @@ def test_the_loss_is_the_guided_prediction_against_the_noise(tiny_sd_dir):
     captions = [method.caption("a red sks shape"), method.caption("a blue sks shape")]
     common = parse_params({}).train.common.model_copy(update={"snr_gamma": None})
     accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
-    loss = diffusion_batch_loss(
-        method, models, latents, captions, None, torch.Generator().manual_seed(7), common, accelerator
+    batch = Batch(latents=latents, captions=captions, keys=["star/0", "star/1"])
+    loss, class_loss = batch_loss(
+        method, models, batch, captions, None, torch.Generator().manual_seed(7), common, accelerator
     )
+    assert class_loss is None
 
     # The same draws, then the guidance written out with two separate UNet calls.
     generator = torch.Generator().manual_seed(7)

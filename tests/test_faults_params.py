@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from sdpipe.cli import app
 from sdpipe.config import Params, ParamsError, load_params
-from sdpipe.config.train import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 # (id, params.yaml text, YAML path of the problem, a fragment of its message)

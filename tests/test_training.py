@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,10 +32,11 @@ from sdpipe.training import (
     TrainingMethod,
     run_training,
 )
+from sdpipe.training import checkpoints
 from sdpipe.training.checkpoints import list_checkpoints
-from sdpipe.training.data import Example, LatentBatches
+from sdpipe.training.data import Batch, Example, LatentBatches
 from sdpipe.training.diffusion import compute_snr, diffusion_loss, min_snr_weights, prediction_target
-from sdpipe.training.loop import method_datasets, timestep_range
+from sdpipe.training.loop import batch_loss, diffusion_losses, load_models, method_datasets, timestep_range
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
@@ -202,6 +205,31 @@ def test_batches_keep_to_one_latent_shape_and_use_flips():
     assert all((no_flip.batch(i).latents >= 0).all() for i in range(20))
 
 
+@pytest.mark.parametrize("class_size", [(8, 8), (8, 12)], ids=["one pass", "aspect buckets: two passes"])
+def test_class_images_add_their_weighted_loss_whether_or_not_they_share_the_pass(tiny_sd_dir, class_size):
+    models = load_models(SimpleNamespace(base_model=str(tiny_sd_dir), base_model_config=None), torch.device("cpu"))
+    common = parse_params({}).train.common
+    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
+    data = torch.Generator().manual_seed(0)
+    images = Batch(torch.randn(2, 4, 8, 8, generator=data), ["a red sks shape", "a blue sks shape"], ["a", "b"])
+    class_images = Batch(torch.randn(3, 4, *class_size, generator=data), ["a circle", "a square", "a circle"], list("cde"))
+
+    loss, class_loss = batch_loss(
+        toy(), models, images, images.captions, None, torch.Generator().manual_seed(7), common, accelerator,
+        class_images, 0.5,
+    )
+
+    # each part on its own, drawing from the generator in the same order (its noise, then its timesteps)
+    generator = torch.Generator().manual_seed(7)
+    expected = [
+        diffusion_losses(toy(), models, [(part.latents, part.captions)], None, generator, common, accelerator)[0]
+        for part in (images, class_images)
+    ]
+    assert not torch.allclose(expected[0], expected[1])
+    torch.testing.assert_close(class_loss, expected[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, expected[0] + 0.5 * expected[1], rtol=1e-5, atol=1e-6)
+
+
 def test_method_datasets_must_be_prepared():
     assert method_datasets(["star", "outlined"], None, "train.x") == ["star", "outlined"]
     assert method_datasets(["star", "outlined"], ["star"], "train.x") == ["star"]
@@ -264,6 +292,25 @@ def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_sd_dir):
     loss_rows = (out / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
     assert len(loss_rows) == 4  # it started over
     assert list_checkpoints(out / CHECKPOINTS_DIR) == []  # the stale checkpoint was deleted
+
+
+def test_checkpoints_of_other_code_are_not_resumed(tmp_path, tiny_sd_dir, monkeypatch):
+    write_dataset(tmp_path)
+    out = tmp_path / "out"
+    params = make_params(tmp_path, tiny_sd_dir, {"checkpoint_every": 2})
+    run_training(params, toy(4), out)
+    assert [step for step, _ in list_checkpoints(out / CHECKPOINTS_DIR)] == [2]
+    package = tmp_path / "sdpipe"  # a copy of the package, then with one comment added to the training loop
+    shutil.copytree(checkpoints.SDPIPE_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert checkpoints.code_fingerprint(package) == checkpoints.code_fingerprint()
+    (package / "training" / "loop.py").write_text((package / "training" / "loop.py").read_text() + "# changed\n")
+    other_code = checkpoints.code_fingerprint(package)
+    assert other_code != checkpoints.code_fingerprint()
+
+    monkeypatch.setattr(checkpoints, "code_fingerprint", lambda: other_code)
+    run_training(params, toy(4), out)
+    loss_rows = (out / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    assert len(loss_rows) == 4  # it started over
 
 
 def test_divergence_stops_with_the_step_and_the_learning_rate_key_and_writes_no_model(tmp_path, tiny_sd_dir):

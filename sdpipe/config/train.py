@@ -112,8 +112,8 @@ class TrainCommon(Section):
     """How many of the most recent checkpoints to keep."""
 
     resume: bool = True
-    """Resume from the latest checkpoint when one made with the same params and data exists (others are
-    deleted). The result is the same as that of an uninterrupted run."""
+    """Resume from the latest checkpoint when one made with the same params, data and sdpipe code exists
+    (others are deleted). The result is the same as that of an uninterrupted run."""
 
     sample_every: int = Field(default=100, ge=0)
     """Sample `sample_prompts` with fixed seeds every this many optimizer steps (and after the last one) into

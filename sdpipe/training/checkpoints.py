@@ -2,8 +2,9 @@
 
 A checkpoint is accelerate's `save_state` (trained models, optimizer, LR scheduler, RNG states) plus
 `sdpipe_run.json`: the step, the per-step losses so far, and a fingerprint of everything that determines the
-trained result (params and input files). Only a checkpoint with the current fingerprint is resumed; the others
-are stale (made with other params or data) and are deleted, as are all checkpoints when `resume` is off.
+trained result (params, input files and sdpipe's own code). Only a checkpoint with the current fingerprint is
+resumed; the others are stale (made with other params, data or code) and are deleted, as are all checkpoints when
+`resume` is off.
 A checkpoint is written into a hidden temporary folder and renamed when complete, so an interrupted save leaves
 nothing that could be resumed.
 """
@@ -22,6 +23,7 @@ from sdpipe.progress import log
 
 RUN_FILE = "sdpipe_run.json"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+SDPIPE_PACKAGE = Path(__file__).resolve().parents[1]
 
 # train.common fields that do not change what is trained, so changing them does not make checkpoints stale.
 NOT_TRAINING_SETTINGS = {
@@ -37,8 +39,9 @@ NOT_TRAINING_SETTINGS = {
 
 def run_fingerprint(method: str, method_params, params, input_files: list[Path]) -> str:
     """A hash of everything that determines the trained result of `method` (with its `method_params`) under
-    `params` (base and train.common) on `input_files`."""
+    `params` (base and train.common) on `input_files`, by this version of sdpipe."""
     record = {
+        "code": code_fingerprint(),
         "method": method,
         "base": params.base.model_dump(mode="json"),
         "common": params.train.common.model_dump(mode="json", exclude=NOT_TRAINING_SETTINGS),
@@ -46,6 +49,16 @@ def run_fingerprint(method: str, method_params, params, input_files: list[Path])
         "inputs": {str(path): file_sha256(path) for path in sorted(input_files)},
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def code_fingerprint(package: Path = SDPIPE_PACKAGE) -> str:
+    """A hash of the Python files of the sdpipe `package`. DVC re-runs a train stage when its code changes; the
+    stage must then not finish a run that other code began."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:

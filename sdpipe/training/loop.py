@@ -362,34 +362,52 @@ def batch_loss(
     """The loss of one micro-batch, and the class images' loss (None without a `class_batch`).
 
     With a `class_batch` (prior preservation), the loss is the images' loss + `class_loss_weight` × the class
-    images' loss, as in diffusers' `train_dreambooth.py`; the class images take their own UNet pass, so that they
-    need not have the size of the batch's images (aspect buckets), and their captions are used as they are.
+    images' loss, as in diffusers' `train_dreambooth.py`, and the class captions are used as they are. The images
+    and the class images share one text encoder and UNet pass when their latents have one size (fewer, larger
+    operations: faster than two passes, most of all on the CPU); with aspect buckets they may not, and each takes
+    its own.
     """
-    loss = diffusion_batch_loss(method, models, batch.latents, captions, text_cache, generator, common, accelerator)
+    parts = [(batch.latents, captions)]
+    if class_batch is not None:
+        parts.append((class_batch.latents, class_batch.captions))
+    if len({latents.shape[1:] for latents, _ in parts}) == 1:
+        losses = diffusion_losses(method, models, parts, text_cache, generator, common, accelerator)
+    else:
+        losses = [
+            loss
+            for part in parts
+            for loss in diffusion_losses(method, models, [part], text_cache, generator, common, accelerator)
+        ]
     if class_batch is None:
-        return loss, None
-    class_loss = diffusion_batch_loss(
-        method, models, class_batch.latents, class_batch.captions, text_cache, generator, common, accelerator
-    )
-    return loss + class_loss_weight * class_loss, class_loss
+        return losses[0], None
+    return losses[0] + class_loss_weight * losses[1], losses[1]
 
 
-def diffusion_batch_loss(
+def diffusion_losses(
     method: TrainingMethod,
     models: Models,
-    latents: torch.Tensor,
-    captions: list[str],
+    parts: list[tuple[torch.Tensor, list[str]]],
     text_cache: TextCache | None,
     generator: torch.Generator,
     common,
     accelerator,
-) -> torch.Tensor:
-    """The diffusion loss of a batch of latents: noise them at random timesteps, predict, compare."""
+) -> list[torch.Tensor]:
+    """The diffusion loss of each part, a batch of latents (of one size) and their captions, all in one UNet pass:
+    noise them at random timesteps, predict, compare.
+
+    The random draws are made part by part (noise, then timesteps), so a part draws the same whether it shares its
+    pass or takes one of its own.
+    """
     device = accelerator.device
-    latents = to_device(latents, device)
-    noise = to_device(sample_noise(latents.shape, generator, common.noise_offset), device)
     low, high = timestep_range(common, models.noise_scheduler)
-    timesteps = to_device(sample_timesteps(len(latents), low, high, generator), device)
+    latents, noise, timesteps, captions = [], [], [], []
+    for part_latents, part_captions in parts:
+        latents.append(to_device(part_latents, device))
+        noise.append(to_device(sample_noise(part_latents.shape, generator, common.noise_offset), device))
+        timesteps.append(to_device(sample_timesteps(len(part_latents), low, high, generator), device))
+        captions += part_captions
+    sizes = [len(part_latents) for part_latents in latents]
+    latents, noise, timesteps = torch.cat(latents), torch.cat(noise), torch.cat(timesteps)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
     if common.channels_last:
         noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
@@ -397,7 +415,12 @@ def diffusion_batch_loss(
     with accelerator.autocast():
         encoder_hidden_states = text_cache(captions) if text_cache is not None else method.encode_text(models, captions)
         prediction = method.predict(models, noisy_latents, timesteps, encoder_hidden_states)
-    return diffusion_loss(prediction, target, timesteps, models.noise_scheduler, common.snr_gamma)
+    return [
+        diffusion_loss(part_prediction, part_target, part_timesteps, models.noise_scheduler, common.snr_gamma)
+        for part_prediction, part_target, part_timesteps in zip(
+            prediction.split(sizes), target.split(sizes), timesteps.split(sizes)
+        )
+    ]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
