@@ -191,7 +191,8 @@ def measure(method: str, variant: str, args) -> dict:
 
 
 def combine(runs: list[dict]) -> dict:
-    """One (method, variant)'s repeated runs: the median of their mean step times (and its spread), the largest peaks."""
+    """One (method, variant)'s repeated runs: the median of their mean step times (and their range), the largest
+    peaks."""
     good = [run for run in runs if "error" not in run]
     if not good:
         return runs[0]

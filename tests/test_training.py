@@ -212,7 +212,8 @@ def test_class_images_add_their_weighted_loss_whether_or_not_they_share_the_pass
     accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
     data = torch.Generator().manual_seed(0)
     images = Batch(torch.randn(2, 4, 8, 8, generator=data), ["a red sks shape", "a blue sks shape"], ["a", "b"])
-    class_images = Batch(torch.randn(3, 4, *class_size, generator=data), ["a circle", "a square", "a circle"], list("cde"))
+    class_latents = torch.randn(3, 4, *class_size, generator=data)
+    class_images = Batch(class_latents, ["a circle", "a square", "a circle"], ["c", "d", "e"])
 
     loss, class_loss = batch_loss(
         toy(), models, images, images.captions, None, torch.Generator().manual_seed(7), common, accelerator,
@@ -315,11 +316,14 @@ def test_checkpoints_of_other_code_are_not_resumed(tmp_path, tiny_sd_dir, monkey
 
 def test_divergence_stops_with_the_step_and_the_learning_rate_key_and_writes_no_model(tmp_path, tiny_sd_dir):
     write_dataset(tmp_path)
-    params = make_params(tmp_path, tiny_sd_dir, {"max_grad_norm": None, "lr_scheduler": "constant"})
+    common = {"max_grad_norm": None, "lr_scheduler": "constant", "checkpoint_every": 1}
+    params = make_params(tmp_path, tiny_sd_dir, common)
     out = tmp_path / "out"
-    with pytest.raises(SdpipeError, match=r"at step \d+ of 5.*train\.toy\.learning_rate \(now 1e\+30\)"):
+    # step 1's loss is finite; its update of 1e30 makes step 2's infinite
+    with pytest.raises(SdpipeError, match=r"at step 2 of 5.*train\.toy\.learning_rate \(now 1e\+30\)"):
         run_training(params, toy(5, learning_rate=1e30), out)
     assert not (out / MODEL_DIR).exists() and not (out / METRICS_FILE).exists()
+    assert [step for step, _ in list_checkpoints(out / CHECKPOINTS_DIR)] == [1]  # none of the diverged weights
 
 
 def test_unknown_datasets_and_missing_latents_are_reported(tmp_path, tiny_sd_dir):

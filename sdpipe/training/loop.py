@@ -168,6 +168,7 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
     caption_ops = method.caption_ops(common.caption_ops)
     text_cache = TextCache(method, models) if can_cache_text(method, common, caption_ops) else None
     accumulation = common.gradient_accumulation_steps
+    step_losses = StepLosses(accelerator, live, losses)
     vae = None
     try:
         for step in track(range(start_step, max_steps), f"train {method.name}", total=max_steps - start_step):
@@ -201,22 +202,15 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
             method.after_optimizer_step(models)
             if ema is not None:
                 ema.step(parameters)
-            # the one host-device sync of a step; a non-finite loss is caught here (not before the update, which
-            # would sync every micro-batch), before any checkpoint or sample, and on every process alike
-            losses.append(accelerator.reduce(step_loss, reduction="mean").item())
-            if not math.isfinite(losses[-1]):
-                raise diverged(losses[-1], step, max_steps, key, method_params.learning_rate, out_dir)
-            if prior is not None:
-                class_loss_mean = accelerator.reduce(step_class_loss, reduction="mean").item()
             done = step + 1
-
-            if live is not None:
-                live.step = done
-                live.log_metric("loss", losses[-1])
-                if prior is not None:
-                    live.log_metric("class_loss", class_loss_mean)
-                live.log_metric("lr", lr_scheduler.get_last_lr()[0])
+            class_loss_of_step = step_class_loss if prior is not None else None
+            step_losses.add(done, step_loss, class_loss_of_step, lr_scheduler.get_last_lr()[0])
             sample_now = common.sample_every and (done % common.sample_every == 0 or done == max_steps)
+            checkpoint_now = common.checkpoint_every and done % common.checkpoint_every == 0 and done < max_steps
+            # every loss so far is read (and a non-finite one stops the run) before a sample, a checkpoint or the end
+            diverged_at = step_losses.read(keep=0 if sample_now or checkpoint_now or done == max_steps else 1)
+            if diverged_at is not None:
+                raise diverged(*diverged_at, max_steps, key, method_params.learning_rate, out_dir)
             if sample_now and accelerator.is_main_process:
                 if vae is None:  # loaded only when sampling
                     vae = load_vae(
@@ -225,7 +219,7 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
                 sample_path = out_dir / SAMPLES_DIR / f"step-{done:06d}.png"
                 with ema.applied(parameters) if ema is not None else nullcontext():
                     save_samples(method, models, vae, accelerator, common, seed, sample_path)
-            if common.checkpoint_every and done % common.checkpoint_every == 0 and done < max_steps:
+            if checkpoint_now:
                 run_info = {"fingerprint": fingerprint, "losses": losses}
                 save_checkpoint(accelerator, checkpoints_dir, done, run_info, common.keep_checkpoints, history)
     finally:
@@ -331,6 +325,42 @@ class TextCache:
                 with torch.no_grad():
                     self.cache[caption] = self.method.encode_text(self.models, [caption])[0]
         return torch.stack([self.cache[caption] for caption in captions])
+
+
+class StepLosses:
+    """The loss of every optimizer step (and the class images' loss), appended to `losses` and logged to DVCLive
+    with the learning rate.
+
+    Reading a loss makes the host wait for the device to finish its step, so a step's loss is read one step late,
+    while the device runs the next step: the host queues work without ever leaving the device idle.
+    """
+
+    def __init__(self, accelerator, live, losses: list[float]):
+        self.accelerator, self.live, self.losses = accelerator, live, losses
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, class_loss: torch.Tensor | None, lr: float) -> None:
+        """Step `step`'s losses (still on the device) and the learning rate after it."""
+        self.pending.append((step, loss, class_loss, lr))
+
+    def read(self, keep: int) -> tuple[float, int] | None:
+        """Reads and logs all but the last `keep` pending steps; returns (loss, 0-based step) of the first
+        non-finite loss, if any (on every process alike: the losses are reduced over the processes)."""
+        while len(self.pending) > keep:
+            step, loss, class_loss, lr = self.pending.pop(0)
+            loss_value = self.accelerator.reduce(loss, reduction="mean").item()
+            if not math.isfinite(loss_value):
+                return loss_value, step - 1
+            self.losses.append(loss_value)
+            if class_loss is not None:
+                class_loss_value = self.accelerator.reduce(class_loss, reduction="mean").item()
+            if self.live is not None:
+                self.live.step = step
+                self.live.log_metric("loss", loss_value)
+                if class_loss is not None:
+                    self.live.log_metric("class_loss", class_loss_value)
+                self.live.log_metric("lr", lr)
+        return None
 
 
 def checkpoint_ema(accelerator, ema: Ema) -> None:
