@@ -57,7 +57,7 @@ def code_fingerprint(package: Path = SDPIPE_PACKAGE) -> str:
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode("utf-8") + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(file_sha256(path).encode("ascii"))
     return digest.hexdigest()[:16]
 
 

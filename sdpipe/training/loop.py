@@ -400,14 +400,11 @@ def batch_loss(
     parts = [(batch.latents, captions)]
     if class_batch is not None:
         parts.append((class_batch.latents, class_batch.captions))
-    if len({latents.shape[1:] for latents, _ in parts}) == 1:
-        losses = diffusion_losses(method, models, parts, text_cache, generator, common, accelerator)
-    else:
-        losses = [
-            loss
-            for part in parts
-            for loss in diffusion_losses(method, models, [part], text_cache, generator, common, accelerator)
-        ]
+    one_size = len({latents.shape[1:] for latents, _ in parts}) == 1
+    passes = [parts] if one_size else [[part] for part in parts]
+    losses = []
+    for parts_of_pass in passes:
+        losses += diffusion_losses(method, models, parts_of_pass, text_cache, generator, common, accelerator)
     if class_batch is None:
         return losses[0], None
     return losses[0] + class_loss_weight * losses[1], losses[1]
