@@ -8,7 +8,7 @@ so that training reads it as any other dataset (`load_class_examples`):
     manifest.jsonl               one row per image, in `prepare`'s format (the caption is the class prompt)
     captions/class.jsonl         `caption`'s format
     latents/class.safetensors    `encode`'s format (with `encode`'s settings: flips, mode)
-    class_images.json            what made them: the settings, the base model and its fingerprint, seed, device
+    class_images.json            what made them: the settings, the base model and its fingerprint, seed, resolution, device
 
 Image i is generated from prompt i mod len(prompts), from initial noise drawn on the CPU with a generator seeded by
 `base.seed` and i, so the same settings give the same images (bitwise on the CPU) whatever the batch size. When
@@ -71,6 +71,7 @@ def class_images_record(settings: ClassImagesParams, base: BaseParams, encode: E
             "base_model_config": base.base_model_config,
             "model_fingerprint": model_fingerprint(base.base_model),
             "seed": base.seed,
+            "resolution": base.resolution,
             "device": torch.device(device).type,
             "precision": str(resolve_dtype(base.precision, device)),
             "encode": encode.model_dump(mode="json"),
@@ -99,7 +100,9 @@ def generate_class_images(
     )
     pipeline.set_progress_bar_config(disable=True)
     prompts = class_prompts(settings)
-    images = generate_images(pipeline, prompts, base.seed, settings.steps, settings.guidance_scale, settings.batch_size)
+    images = generate_images(
+        pipeline, prompts, base.seed, settings.steps, settings.guidance_scale, settings.batch_size, base.resolution
+    )
     rows = save_images(folder, images, prompts)
     write_jsonl(folder / "manifest.jsonl", rows)
     captions = [{key: row[key] for key in ("id", "file", "caption", "caption_source")} for row in rows]
@@ -110,12 +113,13 @@ def generate_class_images(
 
 @torch.no_grad()
 def generate_images(
-    pipeline, prompts: list[str], seed: int, steps: int, guidance_scale: float, batch_size: int
+    pipeline, prompts: list[str], seed: int, steps: int, guidance_scale: float, batch_size: int, resolution: int
 ) -> list[Image.Image]:
-    """One image per prompt; image i starts from noise seeded by (`seed`, i), drawn on the CPU."""
+    """One `resolution`-pixel square image per prompt (the training resolution, so that the class images share the
+    instance images' UNet pass); image i starts from noise seeded by (`seed`, i), drawn on the CPU."""
     unet = pipeline.unet
-    size = unet.config.sample_size * pipeline.vae_scale_factor
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latent_size = resolution // pipeline.vae_scale_factor
+    shape = (unet.config.in_channels, latent_size, latent_size)
     images: list[Image.Image] = []
     for start in track(range(0, len(prompts), batch_size), "class images"):
         chunk = prompts[start : start + batch_size]
@@ -123,8 +127,8 @@ def generate_images(
         noise = [torch.randn(shape, generator=generator) for generator in generators]
         images += pipeline(
             chunk,
-            height=size,
-            width=size,
+            height=resolution,
+            width=resolution,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             latents=torch.stack(noise).to(pipeline.device, unet.dtype),

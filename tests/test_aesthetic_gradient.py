@@ -10,19 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-)
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
 from sdpipe.config import parse_params
 from sdpipe.io import write_jsonl
 from sdpipe.methods import aesthetic_gradient
 from sdpipe.methods.aesthetic_gradient import CLIPImageProcessor
 from sdpipe.models.loading import load_pipeline
+from sdpipe.tinyworld import models as tiny_models
 from sdpipe.tinyworld import scoring
 
 IMAGES = 5
@@ -38,7 +33,7 @@ def world(tmp_path_factory, tiny_sd_dir):
     base = root / "base"
     shutil.copytree(tiny_sd_dir, base)
     text_config = CLIPTextConfig.from_pretrained(base / "text_encoder")
-    vision_config = CLIPVisionConfig.from_pretrained(base / "image_encoder")
+    vision_config = tiny_models.vision_config()
     torch.manual_seed(1)
     clip_config = CLIPConfig(
         text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=vision_config.projection_dim
@@ -71,11 +66,12 @@ def world(tmp_path_factory, tiny_sd_dir):
 
 
 def test_embedding_is_the_normalized_mean_image_embedding(world):
-    model = CLIPVisionModelWithProjection.from_pretrained(world["base"] / "image_encoder")
+    model = CLIPModel.from_pretrained(world["base"] / "clip")  # the CLIP beside the base: aesthetic_gradient's default
     processor = CLIPImageProcessor.from_pretrained(world["base"] / "feature_extractor")
     images = [Image.open(path).convert("RGB") for path in sorted((world["prepared"] / "images").glob("*.png"))]
     with torch.no_grad():
-        features = model(pixel_values=processor(images=images, return_tensors="pt").pixel_values).image_embeds
+        pixels = processor(images=images, return_tensors="pt").pixel_values
+        features = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
     expected = features.mean(0, keepdim=True)
     expected = expected / expected.norm()
 

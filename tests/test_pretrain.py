@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionImageVariationPipeline, StableDiffusionPipeline
+from transformers import CLIPModel
 
 from sdpipe.config.pretrain import PretrainParams
 from sdpipe.tinyworld import oracle, pretrain, scoring, world
@@ -29,8 +30,11 @@ def test_toy_pretrain_writes_loadable_pipelines_and_resumes_by_phase(tmp_path, m
     assert set(metrics["seconds"]) == {"vae", "clip", "unet", "variations", "this_run"}
     assert set(metrics["variations_accuracy"]) >= {"color", "shape", "all"}
     assert json.loads(metrics_path.read_text())["num_images"] == 64
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "feature_extractor", "clip"):
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "clip"):
         assert (out / part).is_dir(), part
+    # a real SD 1.5 folder's components: no image encoder, which a single file would not hold (from_single_file fails)
+    assert json.loads((out / "model_index.json").read_text()).get("image_encoder", [None, None]) == [None, None]
+    assert not (out / "image_encoder").exists()
 
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     first = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -40,7 +44,8 @@ def test_toy_pretrain_writes_loadable_pipelines_and_resumes_by_phase(tmp_path, m
     assert variations.unet.config.cross_attention_dim == variations.image_encoder.config.projection_dim
     assert any(not torch.equal(a, b) for a, b in zip(variations.unet.parameters(), pipe.unet.parameters()))
     # its vision tower trained beside it (variations_train_encoder), the base's did not
-    trained = zip(variations.image_encoder.parameters(), pipe.image_encoder.parameters())
+    clip = CLIPModel.from_pretrained(out / "clip")
+    trained = zip(variations.image_encoder.vision_model.parameters(), clip.vision_model.parameters())
     assert any(not torch.equal(a, b) for a, b in trained)
     variations.set_progress_bar_config(disable=True)
     image = world.render(world.sample_scene(np.random.default_rng(0)))

@@ -55,7 +55,13 @@ def test_round_trip_restores_every_tensor(changed_pipeline, single_file, tiny_sd
         assert restored.keys() == original.keys(), name
         unequal = [key for key in original if not torch.equal(original[key], restored[key])]
         assert unequal == [], f"{name}: {unequal[:5]}"
-    assert loaded.image_encoder is not None  # taken from the config folder, not in the file
+
+
+def test_from_single_file_as_the_readme_types_it(single_file, tiny_sd_dir):
+    """A user's call names the file and the config folder, nothing else: every component of the tiny base's folder
+    must come from the file or the folder (an `image_encoder` component, which neither holds, made it fail)."""
+    loaded = StableDiffusionPipeline.from_single_file(str(single_file), config=str(tiny_sd_dir))
+    assert loaded.unet is not None and loaded.text_encoder is not None
 
 
 def test_diffusers_from_single_file_with_local_config_folder(changed_pipeline, single_file, tiny_sd_dir):

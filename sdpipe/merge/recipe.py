@@ -51,6 +51,7 @@ from sdpipe.merge.output import (
 )
 from sdpipe.merge.sources import Checkpoint, model_path, open_checkpoint, resolve_source
 from sdpipe.models.loading import file_sha256
+from sdpipe.models.saving import save_pipeline
 from sdpipe.models.single_file import DTYPES, OPEN_CLIP_PREFIX, load_single_file_pipeline
 from sdpipe.progress import log, track
 
@@ -157,7 +158,7 @@ def merge_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_d
             write_merged_file(single_file, merger, checkpoints, first, keys, DTYPES[recipe.dtype])
             if layout is None:
                 pipeline = load_single_file_pipeline(single_file, config_folder, torch_dtype=DTYPES[recipe.dtype])
-                pipeline.save_pretrained(tmp / "model")
+                save_pipeline(pipeline, tmp / "model")
             else:
                 with open_checkpoint(single_file, key) as merged:
                     write_diffusers_folder(merged, layout, config_folder, tmp / "model")

@@ -13,7 +13,7 @@ A style is given by images; nothing of the model is trained ahead of time:
    left as it is.
 
 The text projection and the image features must come from the CLIP whose text tower is the base model's text
-encoder: the tiny world ships it beside the base (`image_encoder/`, `feature_extractor/`, `clip/`); for SD 1.x it is
+encoder: the tiny world ships it beside the base (`clip/`, with the base's `feature_extractor/`); for SD 1.x it is
 openai/clip-vit-large-patch14 (`train.aesthetic_gradient.clip_model`).
 """
 
@@ -126,12 +126,13 @@ class ClipImageEncoder:
                 raise SdpipeError(f"{KEY}.clip_model: {folder} is not a CLIP model folder (config.json + weights)")
             return cls(CLIPModel.from_pretrained(folder, use_safetensors=True), CLIPImageProcessor.from_pretrained(folder), device)
         base = Path(base_model)
-        if not (base / "image_encoder" / "config.json").is_file() or not (base / "feature_extractor").is_dir():
+        if not (base / "clip" / "config.json").is_file() or not (base / "feature_extractor").is_dir():
             raise SdpipeError(
-                f"{KEY}.clip_model is null but base.base_model {base_model!r} has no image_encoder/ and "
-                "feature_extractor/; set clip_model to the CLIP model of its text encoder"
+                f"{KEY}.clip_model is null but base.base_model {base_model!r} has no clip/ and feature_extractor/ "
+                "beside it; set clip_model to the CLIP model of its text encoder"
             )
-        return cls.from_pipeline_folder(base, device)
+        model = CLIPModel.from_pretrained(base / "clip", use_safetensors=True)
+        return cls(model, CLIPImageProcessor.from_pretrained(base / "feature_extractor"), device)
 
     @classmethod
     def from_pipeline_folder(cls, folder: str | Path, device: torch.device) -> ClipImageEncoder:

@@ -18,6 +18,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from sdpipe.models.saving import save_pipeline
 from sdpipe.tinyworld import world
 from sdpipe.tinyworld.tokenizer import MODEL_MAX_LENGTH, build_clip_tokenizer
 
@@ -131,10 +132,9 @@ def build_random_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
         scheduler=sample_scheduler(),
         safety_checker=None,
         feature_extractor=feature_extractor(),
-        image_encoder=CLIPVisionModelWithProjection(vision_config()),
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out_dir)
+    save_pipeline(pipe, out_dir)
     return out_dir
 
 

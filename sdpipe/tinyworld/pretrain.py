@@ -11,7 +11,8 @@ Four phases, in order, each with the real diffusers / transformers classes:
 The star shape and the outlined style never appear (the autoencoder's doodles, which phases 1 and 4 also see,
 are random polygons, ellipses and strokes). Phases 2 to 4 also see the world's sparks, pointed stars with any number
 of points but five (see `world`). The result is saved as a standard diffusers `StableDiffusionPipeline`
-folder plus the CLIP vision tower (`image_encoder/`) and the whole CLIP (`clip/`), and a
+folder (the layout of a real SD 1.5 folder, text encoder keys as transformers 4 names them) plus the whole CLIP
+(`clip/`: text and vision towers with their projections, for aesthetic gradient and evaluation), and a
 `StableDiffusionImageVariationPipeline` folder beside it.
 
 Each finished phase is kept in a work folder keyed by the params that shaped it, so an interrupted run
@@ -37,6 +38,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CL
 from sdpipe.config.pretrain import PretrainParams
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, write_json
+from sdpipe.models.saving import save_pipeline
 from sdpipe.progress import log
 from sdpipe.tinyworld import models, oracle, world
 from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
@@ -283,11 +285,10 @@ def pretrain(
         scheduler=models.sample_scheduler(),
         safety_checker=None,
         feature_extractor=models.feature_extractor(),
-        image_encoder=image_encoder,
         requires_safety_checker=False,
     )
     with atomic_path(out_dir) as tmp, atomic_path(variations_dir) as variations_tmp:
-        pipeline.save_pretrained(tmp)
+        save_pipeline(pipeline, tmp)
         clip.save_pretrained(tmp / "clip")
         variations.save_pretrained(variations_tmp)
 

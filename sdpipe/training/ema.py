@@ -42,6 +42,10 @@ class Ema:
         """Overwrites `parameters` with the averaged weights."""
         self.average.copy_to(parameters)
 
+    def release(self) -> None:
+        """Drops the averaged copy of the weights (after `copy_to`, when nothing more will read it)."""
+        self.average.shadow_params = []
+
     @contextmanager
     def applied(self, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
         """The averaged weights in `parameters` for the duration of the block; the trained ones back afterwards."""

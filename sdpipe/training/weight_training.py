@@ -22,6 +22,7 @@ from sdpipe.config.base import BaseParams
 from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import WeightTrainingParams
 from sdpipe.models.loading import load_pipeline
+from sdpipe.models.saving import save_pipeline
 from sdpipe.models.single_file import save_single_file
 from sdpipe.training.method import Models, TrainingMethod
 
@@ -73,6 +74,6 @@ class WeightTrainingMethod(TrainingMethod):
         """The base pipeline with the trained models in it, as a diffusers folder and as a single file."""
         trained = {name: getattr(models, name) for name in self.trained_models}
         pipeline = load_pipeline(self.base.base_model, self.base.base_model_config, components=trained)
-        pipeline.save_pretrained(folder / DIFFUSERS_DIR, safe_serialization=True)
+        save_pipeline(pipeline, folder / DIFFUSERS_DIR)
         metadata = {"sdpipe_method": self.name, "sdpipe_steps": str(step), "sdpipe_base_model": self.base.base_model}
         save_single_file(pipeline, folder / SINGLE_FILE, metadata=metadata)

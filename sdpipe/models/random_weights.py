@@ -1,0 +1,135 @@
+"""Real-size models with random weights: the architectures of Stable Diffusion 1.5 and 2.x (and the CLIP models their
+users evaluate with), built from their configs, so that benchmarks and tests measure the memory, time and key names
+of real checkpoints without downloading any.
+
+`save_random_models(arch, folder)` writes, under `folder`:
+
+- `model/`: a diffusers `StableDiffusionPipeline` folder (SD 1.5: runwayml/stable-diffusion-v1-5's configs; SD 2.x:
+  stabilityai/stable-diffusion-2-1's, v-prediction);
+- `clip/`: a `CLIPModel` of the size the base's text encoder comes from (OpenAI CLIP ViT-L/14 for SD 1.5, OpenCLIP
+  ViT-H/14 for SD 2.x), for aesthetic gradient and evaluate's CLIP metrics;
+- `variations/` (SD 1.5 only): a `StableDiffusionImageVariationPipeline` (lambdalabs/sd-image-variations-diffusers'
+  architecture: the SD 1.5 UNet conditioned on CLIP ViT-L/14 image embeddings), for CLIP inversion.
+
+Every text model uses the tiny world's tokenizer padded to 77 tokens: only the sequence length matters for memory and
+speed, and the vocabulary keeps CLIP's 49,408 entries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    StableDiffusionImageVariationPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+
+from sdpipe.models.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
+
+SD2_UNET = dict(
+    SD15_UNET,
+    sample_size=96,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)
+SD2_TEXT = dict(  # OpenCLIP ViT-H/14's text tower, as SD 2.x ships it (23 of its 24 layers)
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=512,
+)
+CLIP_L_VISION = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+    image_size=224, projection_dim=768,
+)
+CLIP_H_VISION = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+    image_size=224, projection_dim=1024,
+)
+ARCHITECTURES = {
+    # name: (UNet, text encoder, CLIP text tower, CLIP vision tower, scheduler prediction type)
+    "sd15": (SD15_UNET, SD15_TEXT, SD15_TEXT, CLIP_L_VISION, "epsilon"),
+    "sd2": (SD2_UNET, SD2_TEXT, dict(SD2_TEXT, num_hidden_layers=24, projection_dim=1024), CLIP_H_VISION, "v_prediction"),
+}
+
+
+def save_random_models(arch: str, folder: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Builds `arch`'s models with random weights (seed 0), saves them under `folder` in `dtype`; returns their paths."""
+    from transformers import CLIPImageProcessor
+
+    from sdpipe.tinyworld.models import sample_scheduler
+    from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
+
+    unet_config, text_config, clip_text_config, vision_config, prediction_type = ARCHITECTURES[arch]
+    folder = Path(folder)
+    paths = {"model": folder / "model", "clip": folder / "clip"}
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer(folder / "tokenizer")
+    tokenizer.model_max_length = 77
+    token_ids = {
+        "vocab_size": 49408,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    scheduler = sample_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**{**text_config, **token_ids})),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**unet_config),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.to(dtype).save_pretrained(paths["model"])
+    vae, unet = pipeline.vae, pipeline.unet
+    del pipeline
+
+    clip_config = CLIPConfig(
+        text_config={**clip_text_config, **token_ids},
+        vision_config=vision_config,
+        projection_dim=vision_config["projection_dim"],
+    )
+    clip = CLIPModel(clip_config)
+    clip.to(dtype).save_pretrained(paths["clip"])
+    tokenizer.save_pretrained(paths["clip"])
+    feature_extractor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    feature_extractor.save_pretrained(paths["clip"])
+    del clip
+
+    if arch == "sd15":
+        from transformers import CLIPVisionModelWithProjection
+
+        paths["variations"] = folder / "variations"
+        variations = StableDiffusionImageVariationPipeline(
+            vae=vae,
+            image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config)),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=feature_extractor,
+            requires_safety_checker=False,
+        )
+        variations.to(dtype).save_pretrained(paths["variations"])
+    return paths
+
+
+if __name__ == "__main__":  # python -m sdpipe.models.random_weights ARCH FOLDER [fp32|fp16]: prints the paths as JSON
+    import json
+    import sys
+
+    arch, folder, dtype = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "fp32"
+    saved = save_random_models(arch, folder, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
+    print(json.dumps({name: str(path) for name, path in saved.items()}))

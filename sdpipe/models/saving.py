@@ -1,0 +1,53 @@
+"""Writing diffusers pipeline folders that both transformers majors read.
+
+transformers 5 made `CLIPTextModel` the text transformer itself, so its `save_pretrained` writes the text encoder's
+keys without the `text_model.` prefix (`encoder.layers.0…`). transformers 4, which many users' stacks still pin
+(kohya's sd-scripts, older A1111 and ComfyUI installs), expects `text_model.encoder.layers.0…`, finds none of its
+keys, and loads the text encoder with random weights, with only a warning. transformers 5 reads the prefixed layout
+too (the layout of every SD 1.x/2.x folder on the Hub), so sdpipe writes every `CLIPTextModel` file in it.
+`CLIPTextModelWithProjection` (SDXL's second encoder) and the vision models keep their prefixes in both majors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from sdpipe.io import atomic_path, save_safetensors
+
+TEXT_MODEL_PREFIX = "text_model."
+TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
+"""The transformers classes whose state-dict keys lost `text_model.` in transformers 5."""
+
+
+def transformers4_text_key(key: str) -> str:
+    """A `CLIPTextModel` state-dict key as transformers 4 names it."""
+    return key if key.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + key
+
+
+def save_pipeline(pipeline, folder: str | Path) -> None:
+    """`pipeline.save_pretrained(folder)` (safetensors), with every `CLIPTextModel` in transformers 4's key layout."""
+    folder = Path(folder)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    for name, component in pipeline.components.items():
+        if type(component).__name__ in TEXT_ENCODER_CLASSES:
+            prefix_text_model_keys(folder / name)
+
+
+def prefix_text_model_keys(component_folder: str | Path) -> None:
+    """Rewrites the weights of a saved `CLIPTextModel` folder with `text_model.`-prefixed keys (same tensors, same
+    metadata); a file already in that layout is left as it is."""
+    files = sorted(Path(component_folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{component_folder}: no .safetensors weights to rewrite")
+    if (Path(component_folder) / "model.safetensors.index.json").exists():
+        raise NotImplementedError(f"{component_folder}: sharded text encoder weights")  # never at CLIP's sizes
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            keys, metadata = list(f.keys()), f.metadata()
+            if all(key.startswith(TEXT_MODEL_PREFIX) for key in keys):
+                continue
+            tensors = {transformers4_text_key(key): f.get_tensor(key) for key in keys}
+        with atomic_path(path) as tmp:
+            save_safetensors(tensors, tmp, metadata)
