@@ -210,7 +210,9 @@ def test_kohya_to_peft_acts_as_the_kohya_file_in_diffusers(loras, tiny_sd_dir, t
     peft_file = tmp_path / "pytorch_lora_weights.safetensors"
     result = run("convert", loras / "kohya.safetensors", peft_file)
     assert result.exit_code == 0, result.output
-    written = load_file(loras / "diffusers.safetensors")  # what diffusers itself writes for the same adapters
+    # what diffusers itself writes for the same adapters, with the `text_model.` that sdpipe adds for ComfyUI and
+    # transformers 4 stacks
+    written = diffusers_lora.with_text_model_keys(load_file(loras / "diffusers.safetensors"))
     converted = load_file(peft_file)
     assert converted.keys() == written.keys()
     for key in written:

@@ -13,9 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from sdpipe.config import parse_params
+from sdpipe.config import ParamsError, parse_params
 from sdpipe.config.train import DreamArtistParams
-from sdpipe.errors import SdpipeError
 from sdpipe.methods import dreamartist
 from sdpipe.methods.dreamartist import DreamArtist
 from sdpipe.tinyworld import scoring
@@ -69,8 +68,9 @@ def test_negative_captions_name_the_negative_tokens():
     assert caption == "a small blue <sks> <sks>_1 shape"
     assert method.negative_caption(caption) == "a small blue <sks>-neg <sks>-neg_1 shape"
     assert method.negative_caption("") == ""
-    with pytest.raises(SdpipeError, match="placeholder_token '<>' has no letter"):
-        DreamArtist(DreamArtistParams(placeholder_token="<>"), base_model="unused")
+    # the files are named after the token (`sks.safetensors`): one without a letter or digit is refused up front
+    with pytest.raises(ParamsError, match=r"train\.dreamartist\.placeholder_token: .*'<>' has no letter or digit"):
+        parse_params({"train": {"dreamartist": {"placeholder_token": "<>"}}})
 
 
 def test_the_loss_is_the_guided_prediction_against_the_noise(tiny_sd_dir):
@@ -133,21 +133,30 @@ def test_only_the_new_embedding_rows_change(trained, tiny_sd_dir):
     assert not torch.equal(after[len(base) + 2 :], negative)
 
 
+def test_the_model_folder_gives_a1111_and_comfyui_two_words(trained):
+    """A1111 and ComfyUI load every embedding file of their `embeddings/` folder as the word of its name: one file
+    per word, `sks` (the prompt) and `sks-neg` (the negative prompt)."""
+    _, out_dir = trained
+    files = [path for path in (out_dir / MODEL_DIR).rglob("*") if path.is_file()]
+    assert sorted(path.name for path in files) == ["sks-neg.safetensors", "sks.safetensors"]
+    words = [path.stem for path in files if path.suffix in (".pt", ".bin", ".safetensors")]
+    assert sorted(words) == ["sks", "sks-neg"] and len(set(words)) == len(words)
+
+
 def test_both_embeddings_load_in_diffusers_and_a1111(trained, tiny_sd_dir):
     _, out_dir = trained
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
     for stem, token, count in (("sks", "<sks>", 2), ("sks-neg", "<sks>-neg", 3)):
         path = out_dir / MODEL_DIR / f"{stem}.safetensors"
         with safe_open(str(path), framework="pt") as f:
-            assert list(f.keys()) == ["emb_params"]
+            assert list(f.keys()) == ["emb_params"]  # the layout A1111 and ComfyUI read from .safetensors
             learned = f.get_tensor("emb_params")
+            metadata = f.metadata()
         assert learned.shape == (count, 64)
+        assert metadata["placeholder_token"] == token and metadata["step"] == str(STEPS)
         pipe.load_textual_inversion(str(path), token=token)
         ids = pipe.tokenizer.convert_tokens_to_ids([token] + [f"{token}_{i}" for i in range(1, count)])
         assert torch.equal(pipe.text_encoder.get_input_embeddings().weight.detach()[ids], learned)
-        a1111 = torch.load(out_dir / MODEL_DIR / f"{stem}.pt", weights_only=True)
-        assert a1111["name"] == token and a1111["step"] == STEPS
-        assert torch.equal(a1111["string_to_param"]["*"], learned)
     # The prompt `<sks>-neg` names the negative tokens only, not `<sks>`.
     negative = pipe.maybe_convert_prompt("a <sks>-neg shape", pipe.tokenizer)
     assert negative == "a <sks>-neg <sks>-neg_1 <sks>-neg_2 shape"

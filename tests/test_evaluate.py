@@ -70,7 +70,7 @@ def project(tmp_path_factory, tiny_sd_dir, write_star_dataset):
     embedding = root / "train" / "textual_inversion" / "model"
     embedding.mkdir(parents=True)
     save_safetensors({"emb_params": torch.randn(1, 64, generator=torch.Generator().manual_seed(1))},
-                     embedding / "embedding.safetensors")
+                     embedding / "sks.safetensors")  # train.textual_inversion.placeholder_token <sks>
     return root
 
 

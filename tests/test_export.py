@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +162,25 @@ def test_external_data_goes_to_one_weights_file(pipe, tmp_path):
     assert (folder / "model.onnx").stat().st_size < 100_000 < (folder / "weights.pb").stat().st_size
     result = onnx_export.check_component(pipe, "vae_decoder", spec, folder / "model.onnx", ["CPUExecutionProvider"], 0)
     assert result["relative_error"] < 1e-3
+
+
+def test_every_exported_file_gets_the_mode_the_umask_gives(exported, pipe, tmp_path):
+    """Like any file a program creates, as far as the umask allows; `weights.pb` too, which onnx creates with mode
+    0600 whatever the umask (a umask other than 022 here, so that a mode hard-coded to 0644 fails too)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in exported.rglob("*") if path.is_file()}
+    assert len(modes) > 4 and {path for path, mode in modes.items() if mode != 0o666 & ~umask} == set()
+
+    spec = onnx_export.graph_specs(pipe)["vae_decoder"]
+    previous = os.umask(0o027)
+    try:
+        onnx_export.export_component(pipe, "vae_decoder", spec, tmp_path / "vae_decoder", tmp_path / "scratch",
+                                     ExportParams(external_data="always"), 0)
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "vae_decoder").iterdir()}
+    assert modes == {"config.json": 0o640, "model.onnx": 0o640, "weights.pb": 0o640}
 
 
 def test_cli_sample_writes_the_onnx_image_and_the_pytorch_one(exported, runner, tiny_sd_dir, tmp_path):

@@ -1,16 +1,16 @@
-"""Hypernetworks: the A1111 file layout, its safetensors copy, the attention processor, and a short training run."""
+"""Hypernetworks: the A1111 file layout, how ComfyUI's loader reads it, the attention processor, a short run."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdpipe.config import ParamsError, parse_params
 from sdpipe.config.caption import CaptionOps
@@ -105,23 +105,143 @@ def test_the_pt_file_has_a1111s_layout_and_loads_with_weights_only(trained, tiny
     assert data["sd_checkpoint_name"] == tiny_sd_dir.name
 
 
-def test_the_safetensors_copy_holds_the_same_weights_and_settings(trained, tiny_sd_dir):
+# ComfyUI's HypernetworkLoader (comfy_extras/nodes_hypernetwork.py), re-implemented here from what it documents and
+# does, not copied. It offers every file of `models/hypernetworks/` (subfolders too) with one of these suffixes. It
+# reads `.safetensors`/`.sft` files as flat {name: tensor} dicts (no metadata) and the others with
+# `torch.load(weights_only=True)`; knows only these activation names (another one: it logs an error and applies
+# nothing); takes every key that `int()` accepts as a context width holding a (K, V) pair of state dicts; and rebuilds
+# each MLP from the state dict alone (see `comfyui_mlp`).
+COMFYUI_SUFFIXES = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+COMFYUI_ACTIVATIONS = {
+    "linear": torch.nn.Identity, "relu": torch.nn.ReLU, "leakyrelu": torch.nn.LeakyReLU, "elu": torch.nn.ELU,
+    "swish": torch.nn.Hardswish, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "softsign": torch.nn.Softsign,
+    "mish": torch.nn.Mish,
+}
+
+
+def comfyui_hypernetwork(path) -> dict[int, tuple[torch.nn.Sequential, torch.nn.Sequential]] | None:
+    """What ComfyUI's hypernetwork loader makes of a file: {width: (K MLP, V MLP)}, or None where it applies nothing
+    (an activation it does not know). A file with no integer key gives {}: ComfyUI then patches nothing, silently."""
+    if path.suffix in (".safetensors", ".sft"):
+        data = load_file(str(path))
+    else:
+        data = torch.load(path, weights_only=True)
+        if "state_dict" in data:  # its checkpoint reader unwraps these
+            data = data["state_dict"]
+        elif len(data) == 1:
+            data = next(iter(data.values()))
+    activation = data.get("activation_func", "linear")
+    if activation not in COMFYUI_ACTIVATIONS:
+        return None
+    layer_norm, activate_output = data.get("is_layer_norm", False), data.get("activate_output", False)
+    networks = {}
+    for key in data:
+        try:
+            width = int(key)
+        except (TypeError, ValueError):
+            continue
+        networks[width] = tuple(
+            comfyui_mlp(data[width][part], activation, layer_norm, activate_output) for part in (0, 1)
+        )
+    return networks
+
+
+def comfyui_mlp(state: dict, activation: str, layer_norm: bool, activate_output: bool) -> torch.nn.Sequential:
+    """ComfyUI's rebuild of one MLP from its state dict: the `.weight` keys, in file order, are a Linear layer each,
+    followed (with `is_layer_norm`) by a LayerNorm, which takes the next `.weight` key; the activation follows every
+    Linear whose `.weight` key is not the last one, and that one too with `activate_output`. (Its Dropout layers are
+    left out: this returns the MLP for sampling, in eval mode.)"""
+    names = [key.removesuffix(".weight") for key in state if key.endswith(".weight")]
+    layers: list[torch.nn.Module] = []
+    index = 0
+    while index < len(names):
+        weight = state[f"{names[index]}.weight"]
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        linear.load_state_dict({"weight": weight, "bias": state[f"{names[index]}.bias"]})
+        layers.append(linear)
+        if activation != "linear" and (index != len(names) - 1 or activate_output):
+            layers.append(COMFYUI_ACTIVATIONS[activation]())
+        if layer_norm:
+            index += 1
+            weight = state[f"{names[index]}.weight"]
+            norm = torch.nn.LayerNorm(weight.shape[0])
+            norm.load_state_dict({"weight": weight, "bias": state[f"{names[index]}.bias"]})
+            layers.append(norm)
+        index += 1
+    return torch.nn.Sequential(*layers).eval()
+
+
+def weighted_layers(mlp: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """The Linear and LayerNorm layers of an MLP: (kind, weight shape), in order."""
+    return [(type(layer).__name__, tuple(layer.weight.shape)) for layer in mlp.modules()
+            if isinstance(layer, (torch.nn.Linear, torch.nn.LayerNorm))]
+
+
+def assert_comfyui_rebuilds(networks: dict, hypernetwork_: Hypernetwork) -> None:
+    """ComfyUI found every width, and in each MLP every layer, of `hypernetwork_`, and computes what it computes."""
+    assert sorted(networks) == hypernetwork_.dims
+    for width, pair in networks.items():
+        for rebuilt, mlp in zip(pair, hypernetwork_.mlps[str(width)], strict=True):
+            assert weighted_layers(rebuilt) == weighted_layers(mlp)
+            context = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(width))
+            with torch.no_grad():
+                torch.testing.assert_close(rebuilt(context), mlp.eval()(context))
+
+
+def test_the_model_folder_holds_only_files_that_a1111_and_comfyui_load(trained):
     _, out_dir = trained
-    data = load_a1111(out_dir)
-    path = out_dir / MODEL_DIR / hypernetwork.SAFETENSORS_FILE
-    tensors = load_file(str(path))
-    expected = {
-        f"{width}.{part}.{key}": tensor
-        for width in attention_widths(tiny_sd_dir)
-        for part, state in zip("kv", data[width])
-        for key, tensor in state.items()
-    }
-    assert set(tensors) == set(expected)
-    assert all(torch.equal(tensors[key], expected[key]) for key in expected)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    assert set(metadata) == set(SETTINGS)
-    assert {key: json.loads(value) for key, value in metadata.items()} == {key: data[key] for key in SETTINGS}
+    folder = out_dir / MODEL_DIR
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    assert files == [hypernetwork.A1111_FILE]  # A1111 lists `**/*.pt`: that file, which has its layout (above)
+    listed = [path for path in folder.rglob("*") if path.suffix in COMFYUI_SUFFIXES]
+    assert listed
+    expected = hypernetwork.load_hypernetwork(folder / hypernetwork.A1111_FILE)
+    for path in listed:
+        networks = comfyui_hypernetwork(path)
+        assert networks is not None, f"ComfyUI applies nothing of {path.name}"
+        assert_comfyui_rebuilds(networks, expected)
+
+
+@pytest.mark.parametrize("activation", HYPERNETWORK_ACTIVATIONS)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},
+        {"layer_structure": [1, 2, 0.5, 1], "activate_output": True},
+        {"add_layer_norm": True, "activate_output": True, "use_dropout": True},
+    ],
+    ids=["default", "deeper", "layer-norm"],
+)
+def test_comfyui_rebuilds_every_hypernetwork_that_params_allow(tmp_path, activation, shape):
+    settings = {"activation_func": activation, "weight_initialization": "KaimingNormal", **shape}
+    network = Hypernetwork([16, 24], Architecture.from_params(HypernetworkParams(**settings)))
+    network.initialize()
+    path = tmp_path / hypernetwork.A1111_FILE
+    torch.save(hypernetwork.a1111_hypernetwork(network, 1, "models/base.safetensors"), path)
+    assert_comfyui_rebuilds(comfyui_hypernetwork(path), network)
+
+
+def test_what_params_refuse_would_not_load_the_same_in_comfyui(tmp_path):
+    """Why params refuse these (test_bad_files_and_params_are_refused): ComfyUI applies nothing of a file with
+    another activation, and puts the activation after the output layer too where there are LayerNorms."""
+    default = Architecture.from_params(HypernetworkParams())
+    for activation in ("gelu", "silu", "hardswish"):
+        network = Hypernetwork([16], replace(default, activation_func=activation))
+        torch.save(hypernetwork.a1111_hypernetwork(network, 1, "base"), tmp_path / "other.pt")
+        assert comfyui_hypernetwork(tmp_path / "other.pt") is None
+    architecture = replace(
+        Architecture.from_params(HypernetworkParams(activation_func="tanh", weight_initialization="XavierNormal")),
+        add_layer_norm=True,
+    )
+    network = Hypernetwork([16], architecture)
+    network.initialize()
+    torch.save(hypernetwork.a1111_hypernetwork(network, 1, "base"), tmp_path / "norm.pt")
+    rebuilt = comfyui_hypernetwork(tmp_path / "norm.pt")[16][0]
+    assert [type(layer).__name__ for layer in rebuilt][-2:] == ["Tanh", "LayerNorm"]  # sdpipe and A1111: no Tanh
+    assert [type(layer).__name__ for layer in network.mlps["16"][0].linear][-2:] == ["Linear", "LayerNorm"]
+    # and a `.safetensors` file, whatever its layout, holds no integer key: ComfyUI applies nothing, silently
+    save_file({"16.k.linear.0.weight": torch.zeros(2, 2)}, str(tmp_path / "flat.safetensors"))
+    assert comfyui_hypernetwork(tmp_path / "flat.safetensors") == {}
 
 
 def test_training_changes_only_the_mlps(trained, tiny_sd_dir):
@@ -238,11 +358,12 @@ def test_the_processor_transforms_only_what_k_and_v_come_from():
 
 
 def test_layer_indices_follow_a1111_and_a_file_round_trips(tmp_path):
-    params = HypernetworkParams(
-        layer_structure=[1, 1.5, 1], activation_func="relu", add_layer_norm=True, use_dropout=True,
-        dropout_structure=[0, 0.1, 0], weight_initialization="XavierUniform",
+    # LayerNorms and an activation but none on the output: A1111 files may have it (params refuse it, for ComfyUI)
+    architecture = Architecture(
+        layer_structure=(1, 1.5, 1), activation_func="relu", add_layer_norm=True, activate_output=False,
+        use_dropout=True, dropout_structure=(0.0, 0.1, 0.0), weight_initialization="XavierUniform",
     )
-    network = Hypernetwork([16], Architecture.from_params(params))
+    network = Hypernetwork([16], architecture)
     network.initialize()
     mlp_k = network.mlps["16"][0]
     # A1111's Sequential: Linear, ReLU, LayerNorm, Dropout | Linear, LayerNorm (no output activation)
@@ -299,7 +420,20 @@ def test_bad_files_and_params_are_refused(tmp_path, tiny_sd_dir):
         ({"use_dropout": True, "dropout_structure": [0, 1.0, 0]}, "dropout_structure"),
         ({"activation_func": "threshold"}, "activation_func"),
         ({"weight_initialization": "Orthogonal"}, "weight_initialization"),
+        ({"add_layer_norm": True, "activation_func": "relu"}, "add_layer_norm with activation_func 'relu' needs "
+                                                              "activate_output: true"),
     ):
         with pytest.raises(ParamsError, match=key):
             parse_params({"train": {"hypernetwork": bad}})
+    allowed = ", ".join(HYPERNETWORK_ACTIVATIONS)
+    for name in ("gelu", "silu", "hardswish", "softmax"):  # A1111 loads these; ComfyUI applies nothing of such a file
+        with pytest.raises(ParamsError, match=r"train\.hypernetwork\.activation_func") as error:
+            parse_params({"train": {"hypernetwork": {"activation_func": name}}})
+        assert f"{name!r} is not an activation that both A1111 and ComfyUI load" in str(error.value)
+        assert allowed in str(error.value)
+    with pytest.raises(ParamsError, match="call Hardswish `swish`"):
+        parse_params({"train": {"hypernetwork": {"activation_func": "hardswish"}}})
+    assert set(HYPERNETWORK_ACTIVATIONS) == set(COMFYUI_ACTIVATIONS)
+    settings = {"add_layer_norm": True, "activation_func": "relu", "activate_output": True}
+    assert parse_params({"train": {"hypernetwork": settings}}).train.hypernetwork.add_layer_norm
     assert parse_params({"train": {"methods": ["hypernetwork"]}}).train.hypernetwork.datasets == ["outlined"]

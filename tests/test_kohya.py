@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from sdpipe.formats import kohya
+from sdpipe.formats import diffusers_lora, kohya
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CONVS = ["down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv", "up_blocks.0.resnets.0.conv_shortcut"]
@@ -230,6 +231,46 @@ def test_a_kohya_lora_loads_in_diffusers_and_acts_as_the_peft_adapter(tiny_sd_di
     assert len(kohya.merge_lora(merged.unet, "unet", loaded)) == len(adapted_layers(adapted.unet))
     assert len(kohya.merge_lora(merged.text_encoder, "text_encoder", loaded)) == 12
     torch.testing.assert_close(unet_output(merged), peft_output, atol=1e-5, rtol=1e-5)
+
+
+def adapted_modules(model) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+@pytest.mark.parametrize("exact_names", [False, True])
+def test_the_diffusers_layout_spells_text_model_and_loads_with_every_key_used(tiny_sd_dir, tmp_path, exact_names):
+    """`text_encoder.text_model.…` keys (ComfyUI's key map, diffusers before transformers 5); both forms are read."""
+    adapted = load_pipe(tiny_sd_dir)
+    inject_adapter_in_model(ADAPTERS["lora"], adapted.unet)
+    text_layers = TEXT_ATTENTION + ["fc1", "fc2"]  # kohya's CLIPAttention + CLIPMLP; fc1 at another rank and alpha
+    text_config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=text_layers, init_lora_weights=False, rank_pattern={"fc1": 2},
+        alpha_pattern={"fc1": 3.0},
+    )
+    inject_adapter_in_model(text_config, adapted.text_encoder)
+    peft_output = unet_output(adapted)
+    tensors = {**kohya.peft_to_kohya(adapted.unet, "unet"), **kohya.peft_to_kohya(adapted.text_encoder, "text_encoder")}
+
+    module_paths = diffusers_lora.model_module_paths(tiny_sd_dir) if exact_names else None
+    converted, metadata = diffusers_lora.kohya_to_diffusers(tensors, {}, module_paths)
+    text_keys = [key for key in converted if key.startswith("text_encoder.")]
+    assert len(text_keys) == 2 * 3 * len(text_layers)  # lora_A and lora_B of 3 layers
+    assert all(key.startswith("text_encoder.text_model.encoder.layers.") for key in text_keys)
+    save_file(converted, tmp_path / "peft.safetensors", metadata)
+    pipe = load_pipe(tiny_sd_dir)
+    pipe.load_lora_weights(str(tmp_path), weight_name="peft.safetensors")
+    assert adapted_modules(pipe.unet) == adapted_modules(adapted.unet)  # no key left unused
+    assert adapted_modules(pipe.text_encoder) == 3 * len(text_layers)
+    torch.testing.assert_close(unet_output(pipe), peft_output, atol=1e-5, rtol=1e-5)
+
+    without_prefix = {key.replace(".text_model.", "."): tensor for key, tensor in converted.items()}
+    for keys in (converted, without_prefix):  # diffusers' own spelling under transformers 5 reads the same
+        back, _ = diffusers_lora.diffusers_to_kohya(keys, metadata)
+        assert back.keys() == tensors.keys()
+        for key in tensors:
+            torch.testing.assert_close(back[key], tensors[key], atol=0, rtol=0)
 
 
 def test_merge_refuses_names_of_another_model(tiny_sd_dir):

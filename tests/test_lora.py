@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdpipe.class_images import write_class_images
 from sdpipe.config import ParamsError, parse_params
-from sdpipe.config.train import LoraParams
+from sdpipe.config.train import LORA_PRESETS, LoraParams
 from sdpipe.errors import SdpipeError
 from sdpipe.formats import kohya
 from sdpipe.methods import lora
@@ -102,7 +102,7 @@ def test_the_file_carries_kohya_and_modelspec_metadata(runs, tiny_sd_dir):
     _, metadata = read(runs, "lora")
     assert metadata["ss_network_module"] == "networks.lora"
     assert metadata["ss_network_dim"] == "8" and metadata["ss_network_alpha"] == "8.0"
-    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4.0"}
+    assert json.loads(metadata["ss_network_args"]) == {"preset": "sdpipe", "conv_dim": "4", "conv_alpha": "4.0"}
     assert metadata["ss_steps"] == metadata["ss_max_train_steps"] == str(STEPS)
     assert metadata["ss_learning_rate"] == "0.01" and metadata["ss_text_encoder_lr"] == "0.0005"
     assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
@@ -143,7 +143,8 @@ def test_dora_writes_its_magnitudes_and_loads_in_diffusers_from_its_layout(runs,
     assert tensors[f"{name}.dora_scale"].shape == (128, 1)  # per output channel (LyCORIS wd_on_output)
     assert not any(key.startswith("lora_te_") for key in tensors)
     assert metadata["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(metadata["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+    expected = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True", "preset": "sdpipe"}
+    assert json.loads(metadata["ss_network_args"]) == expected
     pipe, _ = lora.sampling_pipeline(params, out_dir / MODEL_DIR, torch.device("cpu"))
     merged = load_pipe(tiny_sd_dir)
     kohya.merge_lora(merged.unet, "unet", tensors)
@@ -188,6 +189,114 @@ def test_only_adapters_train_and_the_text_encoder_has_its_own_rate(tiny_sd_dir):
     assert len(text_group["params"]) == 3 * 4 * 2
 
 
+ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+
+
+def test_attention_only_has_the_parameters_of_diffusers_lora_script(tiny_sd_dir):
+    """diffusers' train_text_to_image_lora.py at rank 4: LoraConfig(target_modules=to_q/to_k/to_v/to_out.0)."""
+    params = parse_params({"base": {"base_model": str(tiny_sd_dir), "device": "cpu"}})
+    models = load_models(params.base, torch.device("cpu"))
+    attention = [
+        module
+        for path, module in models.unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and path.endswith(ATTENTION_PROJECTIONS)
+    ]
+    expected = sum(4 * (layer.in_features + layer.out_features) for layer in attention)  # A [4, in] and B [out, 4]
+    method = Lora(LoraParams(preset="attn-only", rank=4, alpha=4.0, train_text_encoder=False), str(tiny_sd_dir))
+    method.setup(models)
+    assert sum(p.numel() for p in method.trainable_parameters()) == expected == 43_008
+
+
+def layer_family(name: str) -> str:
+    """What kind of layer a kohya name is, for the presets' layer sets."""
+    if name.startswith("lora_te_"):
+        return "text mlp" if "_mlp_" in name else "text attention"
+    if "_attentions_" in name:
+        return "attention" if name.endswith(("_to_q", "_to_k", "_to_v", "_to_out_0")) else "transformer"
+    for family in ("time_emb_proj", "conv_shortcut", "time_embedding"):
+        if family in name:
+            return family
+    if name in ("lora_unet_conv_in", "lora_unet_conv_out"):
+        return "conv in/out"
+    return "resnet conv"  # conv1, conv2, down/upsampler convs
+
+
+TRANSFORMER = {"attention", "transformer"}
+RESNET_LINEAR = {"time_emb_proj", "conv_shortcut", "time_embedding"}
+PRESET_LAYERS = {
+    "attn-only": {"attention", "text attention"},
+    "attn-mlp": TRANSFORMER | {"text attention", "text mlp"},
+    "full-lin": TRANSFORMER | RESNET_LINEAR | {"text attention", "text mlp"},
+    "full": TRANSFORMER | RESNET_LINEAR | {"resnet conv", "conv in/out", "text attention", "text mlp"},
+    "sdpipe": TRANSFORMER | {"resnet conv", "conv_shortcut", "text attention"},  # LoCon's convs at conv_rank
+    "attn-mlp+conv": TRANSFORMER | {"resnet conv", "conv_shortcut", "time_emb_proj", "text attention", "text mlp"},
+}
+
+
+def adapted_modules(model: torch.nn.Module) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+@pytest.mark.parametrize("run", [*LORA_PRESETS, "attn-mlp+conv"])  # the presets as they are, and kohya's LoCon
+def test_every_preset_loads_in_diffusers_with_every_layer_used(tiny_sd_dir, tmp_path, base_output, run):
+    params = parse_params({"base": {"base_model": str(tiny_sd_dir), "device": "cpu"}})
+    models = load_models(params.base, torch.device("cpu"))
+    preset, conv = run.removesuffix("+conv"), True if run.endswith("+conv") else None
+    settings = LoraParams(
+        preset=preset, conv=conv, rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, train_text_encoder=True
+    )
+    method = Lora(settings, base_model=str(tiny_sd_dir))
+    method.setup(models)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B starts at zero: give every layer an update
+        for parameter in method.trainable_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    method.save(models, tmp_path, step=1)
+
+    tensors, metadata = kohya.load_kohya_lora(tmp_path / lora.LORA_FILE)
+    assert json.loads(metadata["ss_network_args"])["preset"] == preset
+    assert metadata["ss_network_module"] == ("networks.lora" if preset in ("sdpipe", "attn-mlp") else "lycoris.kohya")
+    layers = kohya.group_by_layer(tensors)
+    assert {layer_family(name) for name in layers} == PRESET_LAYERS[run]
+    ranks = {name: parts["lora_down.weight"].shape[0] for name, parts in layers.items()}
+    assert ranks["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == 4
+    if run in ("full-lin", "full", "attn-mlp+conv"):
+        assert ranks["lora_unet_up_blocks_0_resnets_0_conv_shortcut"] == 4  # 1x1: a linear layer to kohya, LyCORIS
+    if run == "sdpipe":
+        assert ranks["lora_unet_up_blocks_0_resnets_0_conv_shortcut"] == 2  # as sdpipe's LoCon always did
+    if settings.adapts_convs:
+        assert ranks["lora_unet_down_blocks_0_resnets_0_conv1"] == 2  # conv_rank
+        assert json.loads(metadata["ss_network_args"])["conv_dim"] == "2"
+    text_layers = sum(name.startswith("lora_te_") for name in layers)
+
+    merged = load_pipe(tiny_sd_dir)  # what A1111 and ComfyUI do with the kohya file
+    kohya.merge_lora(merged.unet, "unet", tensors)
+    kohya.merge_lora(merged.text_encoder, "text_encoder", tensors)
+    expected = unet_output(merged)
+    assert (expected - base_output).abs().max() > 1e-4
+    for weight_name in (lora.LORA_FILE, lora.DIFFUSERS_FILE):
+        pipe = load_pipe(tiny_sd_dir)
+        pipe.load_lora_weights(str(tmp_path), weight_name=weight_name)
+        # every layer of the file became an adapter: none was dropped as an unknown key
+        assert adapted_modules(pipe.unet) == len(layers) - text_layers, weight_name
+        assert adapted_modules(pipe.text_encoder) == text_layers > 0, weight_name
+        torch.testing.assert_close(unet_output(pipe), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_diffusers_file_writes_text_model_in_text_encoder_keys(runs, tiny_sd_dir):
+    """ComfyUI's key map and diffusers before transformers 5 read only `text_encoder.text_model.…` keys."""
+    _, out_dir = runs["lora"]
+    tensors, _ = kohya.load_kohya_lora(out_dir / MODEL_DIR / lora.DIFFUSERS_FILE)
+    text_keys = [key for key in tensors if not key.startswith("unet.")]
+    assert len(text_keys) == 3 * 4 * 2  # lora_A and lora_B of q/k/v/out_proj of 3 layers
+    assert all(key.startswith("text_encoder.text_model.encoder.layers.") for key in text_keys)
+    pipe = load_pipe(tiny_sd_dir)
+    pipe.load_lora_weights(str(out_dir / MODEL_DIR))  # the installed diffusers strips the prefix again
+    assert adapted_modules(pipe.text_encoder) == 3 * 4
+
+
 def test_lora_is_a_built_method_with_checked_params():
     params = parse_params({"train": {"methods": ["lora"]}})
     assert params.train.lora.algorithm == "lora" and params.train.lora.datasets == ["star"]
@@ -195,6 +304,13 @@ def test_lora_is_a_built_method_with_checked_params():
         parse_params({"train": {"lora": {"algorithm": "oft"}}})
     with pytest.raises(ParamsError, match="train.lora.dropout"):
         parse_params({"train": {"lora": {"dropout": 1.0}}})
+    with pytest.raises(ParamsError, match="train.lora.preset"):
+        parse_params({"train": {"lora": {"preset": "attention"}}})
+    with pytest.raises(ParamsError, match="train.lora.conv is false but train.lora.preset full"):
+        parse_params({"train": {"lora": {"preset": "full", "conv": False}}})
+    presets = {preset: LoraParams(preset=preset).adapts_convs for preset in LORA_PRESETS}  # conv null: the preset's
+    assert presets == {"sdpipe": True, "attn-only": False, "attn-mlp": False, "full-lin": False, "full": True}
+    assert LoraParams(preset="attn-mlp", conv=True).adapts_convs  # kohya's LoCon
 
 
 def prior_params(root, tiny_sd_dir, class_dataset=None, lora_datasets=("star",)):
@@ -240,3 +356,38 @@ def test_class_images_that_are_the_concept_are_refused(tmp_path, tiny_sd_dir, wr
     with pytest.raises(SdpipeError, match="'shapes' is also a dataset train.lora trains on"):
         lora.train(params, tmp_path / "train" / "lora")
     assert not (tmp_path / "train").exists()
+
+
+# --- File modes (issue #24) ---------------------------------------------------------------------------------------
+
+
+def test_every_file_of_a_lora_run_gets_the_mode_the_umask_gives(tmp_path, tiny_sd_dir, write_star_dataset):
+    """Every file the stage writes is readable as far as the umask allows, like any file a program creates: the
+    diffusers-layout copy too, which safetensors (0.8) creates with mode 0600 whatever the umask. A umask other
+    than the usual 022, so that a mode hard-coded to 0644 fails too."""
+    import os
+    import stat
+
+    write_star_dataset(tmp_path)
+    params = parse_params(
+        {
+            "paths": {"latents": f"{tmp_path}/latents", "captions": f"{tmp_path}/captions", "train": f"{tmp_path}/t"},
+            "base": {"base_model": str(tiny_sd_dir), "datasets": ["star"], "device": "cpu"},
+            "train": {
+                "methods": ["lora"],
+                "common": {"batch_size": 2, "checkpoint_every": 0, "sample_every": 1},
+                "lora": {"max_steps": 1, "train_text_encoder": True},
+            },
+        }
+    )
+    out_dir = tmp_path / "t" / "lora"
+    previous = os.umask(0o027)
+    try:
+        lora.train(params, out_dir)
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(out_dir).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in out_dir.rglob("*") if path.is_file()}
+    assert {f"{MODEL_DIR}/{lora.LORA_FILE}", f"{MODEL_DIR}/{lora.DIFFUSERS_FILE}", METRICS_FILE} <= set(modes)
+    assert any(name.endswith(".png") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o640} == {}

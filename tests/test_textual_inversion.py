@@ -9,9 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdpipe.config import parse_params
+from sdpipe.config import ParamsError, parse_params
 from sdpipe.config.train import TextualInversionParams
+from sdpipe.conversion import convert_model
 from sdpipe.errors import SdpipeError
+from sdpipe.formats.embeddings import read_embedding
 from sdpipe.methods import textual_inversion
 from sdpipe.methods.textual_inversion import TextualInversion
 from sdpipe.training import CHECKPOINTS_DIR, MODEL_DIR
@@ -19,6 +21,7 @@ from sdpipe.training.checkpoints import list_checkpoints
 from sdpipe.training.loop import load_models
 
 STEPS = 3
+EMBEDDING_FILE = "sks.safetensors"  # the default placeholder token <sks>, without its brackets
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
@@ -77,14 +80,14 @@ def test_only_the_new_embedding_rows_change(trained, tiny_sd_dir):
     assert torch.equal(after[: len(base)], base)  # every original row, the initializer's included, is untouched
     [shape_id] = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")("shape", add_special_tokens=False).input_ids
     initializer = base[shape_id]  # the initializer word's embedding
-    learned = load_file(str(trained / MODEL_DIR / "embedding.safetensors"))["emb_params"]
+    learned = load_file(str(trained / MODEL_DIR / EMBEDDING_FILE))["emb_params"]
     for new_rows in (after[len(base) :], learned):  # after step 2 (the checkpoint) and step 3 (the output)
         assert not torch.equal(new_rows[0], initializer) and not torch.equal(new_rows[1], initializer)
     assert not torch.equal(after[len(base) :], learned)
 
 
 def test_the_safetensors_embedding_loads_in_diffusers(trained, tiny_sd_dir):
-    path = trained / MODEL_DIR / "embedding.safetensors"
+    path = trained / MODEL_DIR / EMBEDDING_FILE
     with safe_open(str(path), framework="pt") as f:
         assert list(f.keys()) == ["emb_params"]
         learned = f.get_tensor("emb_params")
@@ -101,19 +104,49 @@ def test_the_safetensors_embedding_loads_in_diffusers(trained, tiny_sd_dir):
     assert torch.equal(rows, learned)
 
 
-def test_the_a1111_embedding_loads_with_weights_only(trained, tiny_sd_dir):
-    data = torch.load(trained / MODEL_DIR / "embedding.pt", weights_only=True)
-    assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
-    assert data["string_to_token"] == {"*": 265}
-    assert data["name"] == "<sks>" and data["step"] == STEPS
-    assert data["sd_checkpoint_name"] == tiny_sd_dir.name and len(data["sd_checkpoint"]) == 10
-    learned = load_file(str(trained / MODEL_DIR / "embedding.safetensors"))["emb_params"]
-    assert torch.equal(data["string_to_param"]["*"], learned)
+# What A1111 and ComfyUI load from their `embeddings/` folder (A1111: subfolders too), each file as the prompt word
+# of its name without suffix.
+EMBEDDING_SUFFIXES = {".pt", ".bin", ".safetensors"}
 
-    # diffusers reads A1111 files too, taking the token from `name`.
+
+def test_the_model_folder_gives_a1111_and_comfyui_one_word_the_token_without_brackets(trained):
+    folder = trained / MODEL_DIR
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    assert sorted(path.name for path in files) == [EMBEDDING_FILE]
+    words = [path.stem for path in files if path.suffix in EMBEDDING_SUFFIXES]
+    assert words == ["sks"]  # `sks` in an A1111 prompt, `embedding:sks` in ComfyUI, `<sks>` in diffusers
+
+
+def test_the_embedding_carries_a1111s_fields_and_converts_to_an_a1111_pt(trained, tiny_sd_dir, tmp_path):
+    path = trained / MODEL_DIR / EMBEDDING_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["placeholder_token"] == "<sks>" and metadata["num_vectors"] == "2"
+    assert metadata["step"] == str(STEPS)
+    assert metadata["sd_checkpoint_name"] == tiny_sd_dir.name and len(metadata["sd_checkpoint"]) == 10
+
+    # For A1111 versions before safetensors: `sdpipe convert` writes the .pt, which diffusers reads too (the token
+    # from its `name`), with the same vectors.
+    convert_model(path, tmp_path / "sks.pt")
+    data = torch.load(tmp_path / "sks.pt", weights_only=True)
+    assert data["name"] == "<sks>" and data["step"] == STEPS and data["string_to_token"] == {"*": 265}
+    assert torch.equal(data["string_to_param"]["*"], read_embedding(path).vectors)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.load_textual_inversion(str(trained / MODEL_DIR / "embedding.pt"))
+    pipe.load_textual_inversion(str(tmp_path / "sks.pt"))
     assert pipe.tokenizer.convert_tokens_to_ids("<sks>_1") == len(pipe.tokenizer) - 1
+
+
+def test_the_file_is_named_after_the_token_and_a_token_with_no_name_is_refused(tmp_path):
+    assert textual_inversion.embedding_file("<sks>") == "sks.safetensors"
+    assert textual_inversion.embedding_file("<my-concept_2>") == "my-concept_2.safetensors"
+    assert textual_inversion.embedding_file("<a/b>") == "ab.safetensors"  # never a path
+    assert textual_inversion.embedding_file("cat") == "cat.safetensors"
+    for token in ("<>", "<*>", "<..>"):
+        with pytest.raises(ParamsError, match=r"train\.textual_inversion\.placeholder_token: .*no letter or digit"):
+            parse_params({"train": {"textual_inversion": {"placeholder_token": token}}})
+    params = parse_params({"base": {"base_model": str(tmp_path / "base")}})
+    with pytest.raises(SdpipeError, match=r"sks\.safetensors: no embedding of '<sks>'; run `dvc repro"):
+        textual_inversion.sampling_pipeline(params, tmp_path, torch.device("cpu"))
 
 
 def test_textual_inversion_is_a_built_method():

@@ -168,7 +168,9 @@ class TextualInversionParams(MethodParams):
 
     placeholder_token: str = "<sks>"
     """The new token that names the concept in prompts. With several vectors, the extra tokens are
-    `<token>_1`, `<token>_2`, … (diffusers' multi-vector convention); prompts still use `<token>` alone."""
+    `<token>_1`, `<token>_2`, … (diffusers' multi-vector convention); prompts still use `<token>` alone.
+    The embedding file is named after it without `<`, `>` (`sks.safetensors`), the word that A1111 and ComfyUI
+    (`embedding:sks`) take from the file name."""
 
     num_vectors: int = Field(default=1, ge=1, le=75)
     """Embedding vectors learned for the token: more vectors hold more detail but leave fewer of the prompt's
@@ -187,12 +189,17 @@ class TextualInversionParams(MethodParams):
     def _token_is_one_word(cls, token: str) -> str:
         if not token or token != token.strip() or any(c.isspace() for c in token):
             raise ValueError("placeholder_token must be one word without spaces, e.g. <sks>")
+        if not any(c.isalnum() for c in token):
+            raise ValueError(
+                f"placeholder_token {token!r} has no letter or digit to name the embedding file with, e.g. <sks>"
+            )
         return token
 
 
 class DreamArtistParams(TextualInversionParams):
     """DreamArtist (Dong et al. 2022): a positive and a negative embedding trained together, with classifier-free
-    guidance inside the loss; the models stay frozen. Saves two A1111 embeddings, `<name>` and `<name>-neg`."""
+    guidance inside the loss; the models stay frozen. Saves two A1111 embeddings, `<name>.safetensors` and
+    `<name>-neg.safetensors`, `<name>` being the placeholder token without `<`, `>`."""
 
     learning_rate: float = Field(default=5e-3, gt=0.0)
     """The positive embedding's peak learning rate (after warmup)."""
@@ -352,6 +359,7 @@ class DreamBoothParams(WeightTrainingParams):
 
 
 LORA_ALGORITHMS = ("lora", "dora", "loha", "lokr")
+LORA_PRESETS = ("sdpipe", "attn-only", "attn-mlp", "full-lin", "full")
 
 
 class LoraParams(MethodParams):
@@ -387,19 +395,42 @@ class LoraParams(MethodParams):
     """Dropout probability: on each adapter's input for `lora`/`dora`, on the rows of the update (LyCORIS rank
     dropout) for `loha`/`lokr`; 0: none."""
 
-    conv: bool = True
-    """Also adapt the UNet's ResNet and down/upsampler convolutions (LoCon; LyCORIS does so for LoHa and LoKr too),
-    with `conv_rank` and `conv_alpha`: more capacity for shape and texture, a larger file."""
+    preset: Literal[LORA_PRESETS] = "sdpipe"  # type: ignore[valid-type]
+    """Which layers get adapters, by the names of the reference trainers (LyCORIS's `preset` network argument):
+
+    - `attn-only`: the attention projections, to_q/to_k/to_v/to_out.0 of the UNet and q/k/v/out_proj of the text
+      encoder: diffusers' `train_dreambooth_lora.py` / `train_text_to_image_lora.py` (which also set alpha = rank)
+      and LyCORIS `attn-only`;
+    - `attn-mlp`: every linear (and 1x1 conv) layer of the UNet's transformer blocks (attention, proj_in/proj_out,
+      feed-forward) and the text encoder's attention and MLP (fc1/fc2): kohya `networks.lora` (its
+      `Transformer2DModel`, `CLIPAttention` and `CLIPMLP` targets) and LyCORIS `attn-mlp`;
+    - `full-lin`: `attn-mlp` plus the other linear and 1x1 conv layers of the UNet: the ResNet blocks'
+      time_emb_proj and conv_shortcut and the time embedding (LyCORIS `full-lin`);
+    - `full`: `full-lin` plus every 3x3 convolution: the ResNet blocks, down/upsamplers, conv_in and conv_out
+      (LyCORIS `full`, its default); needs `conv` on (or null);
+    - `sdpipe` (the default, tuned on the tiny world): `attn-mlp`'s UNet layers and `attn-only`'s text encoder
+      layers.
+
+    `conv` adds LoCon's convolutions to any of them; the text encoder is adapted only with `train_text_encoder`."""
+
+    conv: bool | None = None
+    """Also adapt the UNet's ResNet blocks and down/upsamplers (LoCon, kohya `conv_dim`; LyCORIS does so for LoHa and
+    LoKr too): their 3x3 convolutions at `conv_rank` and `conv_alpha`, their linear and 1x1 layers (time_emb_proj,
+    conv_shortcut) at `rank`, as kohya does (the `sdpipe` preset, as sdpipe always has: every one of their
+    convolutions at `conv_rank`, no time_emb_proj). More capacity for shape and texture, a larger file. Null: the
+    preset's choice (on for `sdpipe` and `full`, off for `attn-only`, `attn-mlp` and `full-lin`, as in the reference
+    trainers). `attn-mlp` with conv on is kohya's LoCon (`networks.lora` with `conv_dim`)."""
 
     conv_rank: int = Field(default=8, ge=1)
-    """The rank of the conv layers' adapters, when `conv` is on (kohya `conv_dim`)."""
+    """The rank of the 3x3 conv layers' adapters, when convs are adapted (kohya `conv_dim`)."""
 
     conv_alpha: float = Field(default=8.0, gt=0.0)
-    """The alpha of the conv layers' adapters, when `conv` is on (kohya `conv_alpha`)."""
+    """The alpha of the 3x3 conv layers' adapters, when convs are adapted (kohya `conv_alpha`)."""
 
     train_text_encoder: bool = True
-    """Also put adapters on the CLIP text encoder's attention projections (q/k/v/out_proj; kohya `lora_te_` keys),
-    trained at `text_encoder_learning_rate`: the trigger word is learnt in the text encoder too."""
+    """Also put adapters on the CLIP text encoder (the layers `preset` names; kohya `lora_te_` keys), trained at
+    `text_encoder_learning_rate`: the trigger word is learnt in the text encoder too. Off is LyCORIS's
+    `unet-transformer-only` (with `attn-mlp`) and kohya's `network_train_unet_only`."""
 
     text_encoder_learning_rate: float = Field(default=5e-4, gt=0.0)
     """The text encoder adapters' peak learning rate, when `train_text_encoder` is on (kohya `text_encoder_lr`;
@@ -410,12 +441,25 @@ class LoraParams(MethodParams):
     loss + this × class loss. The class images are the `class_images` stage's, made by
     `train.dreambooth.class_images` (shared with DreamBooth); 0 trains on the concept images alone."""
 
+    @model_validator(mode="after")
+    def _conv_fits_the_preset(self) -> LoraParams:
+        if self.preset == "full" and self.conv is False:
+            raise ValueError(
+                "train.lora.conv is false but train.lora.preset full adapts the convolutions (LyCORIS full); "
+                "use preset full-lin for every linear layer without them"
+            )
+        return self
 
-HYPERNETWORK_ACTIVATIONS = (  # A1111's names ("swish" is its Hardswish) and torch.nn's width-keeping activations
-    "linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "celu", "gelu", "hardshrink", "hardsigmoid",
-    "hardswish", "hardtanh", "logsigmoid", "mish", "prelu", "relu6", "rrelu", "selu", "silu", "softplus", "softshrink",
-    "softsign", "tanhshrink",
-)  # A1111 also takes softmax, softmin and logsoftmax, which mix the batch (no dim): files with them still load
+    @property
+    def adapts_convs(self) -> bool:
+        """Whether the UNet's convolutions get adapters: `conv`, or the preset's choice when it is null."""
+        return self.conv if self.conv is not None else self.preset in ("sdpipe", "full")
+
+
+HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish")
+"""The activations that both A1111 and ComfyUI load. ComfyUI's hypernetwork loader knows only these names (a file
+with another one loads as nothing: it logs an error and the model samples unchanged); A1111 takes these and every
+torch.nn activation lowercased. `swish` is Hardswish in both (not SiLU)."""
 HYPERNETWORK_INITIALIZATIONS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 
@@ -423,7 +467,7 @@ class HypernetworkParams(MethodParams):
     """A1111 hypernetworks: per context width, a pair of MLPs that transform what the UNet's attention keys and values
     come from (context + mlp(context) × strength: the text context of cross-attention, with `self_attention` the
     image features of self-attention too); the UNet and text encoder stay frozen. Saved as an A1111 hypernetwork
-    `.pt` (and a `.safetensors` copy)."""
+    `.pt`, the one file, which A1111 and ComfyUI load from `models/hypernetworks/`."""
 
     datasets: list[DatasetName] | None = Field(default_factory=lambda: ["outlined"])
     """Datasets (of `base.datasets`) to train on; null: all of them. Hypernetworks suit styles: every prompt gets
@@ -440,18 +484,21 @@ class HypernetworkParams(MethodParams):
     """Width of each MLP layer as a multiple of the context width (A1111's `layer_structure`): [1, 2, 1] is one hidden
     layer twice as wide; it must start and end with 1."""
 
-    activation_func: Literal[HYPERNETWORK_ACTIVATIONS] = "linear"  # type: ignore[valid-type]
-    """Activation after each hidden layer (A1111's names: `linear` (none), `relu`, `leakyrelu`, `elu`, `swish`
-    (Hardswish, as in A1111), `tanh`, `sigmoid`, or a torch.nn activation lowercased: `gelu`, `silu`, `mish`, ...)."""
+    activation_func: str = "linear"
+    """Activation after each hidden layer, one that both A1111 and ComfyUI load: `linear` (none), `relu`,
+    `leakyrelu`, `elu`, `swish` (Hardswish, as both tools name it), `tanh`, `sigmoid`, `softsign` or `mish`. (A1111
+    also takes the other torch.nn activations, `gelu`, `silu`, ...; ComfyUI ignores a file with one of them.)"""
 
     add_layer_norm: bool = False
-    """A LayerNorm after every layer (A1111's `is_layer_norm`)."""
+    """A LayerNorm after every layer (A1111's `is_layer_norm`). With an activation other than `linear` it needs
+    `activate_output`: ComfyUI rebuilds such a file with the activation on the output layer either way."""
 
     activate_output: bool = False
     """Also apply `activation_func` to the output layer."""
 
     use_dropout: bool = False
-    """Dropout after the layers that `dropout_structure` names (training only)."""
+    """Dropout after the layers that `dropout_structure` names (training only; but ComfyUI's loader, which rebuilds
+    the dropout from `use_dropout` and `last_layer_dropout` at p=0.3, leaves it on when sampling)."""
 
     dropout_structure: list[float] | None = None
     """Dropout probability after each layer, one per `layer_structure` entry, first and last 0 (A1111: `0, 0.05, 0`);
@@ -478,8 +525,26 @@ class HypernetworkParams(MethodParams):
     """Sampling strength (A1111's hypernetwork strength): the MLPs' output is scaled by it; 0 gives the base model.
     Training always uses 1."""
 
+    @field_validator("activation_func")
+    @classmethod
+    def _activation_loads_everywhere(cls, name: str) -> str:
+        if name not in HYPERNETWORK_ACTIVATIONS:
+            hint = " (A1111 and ComfyUI call Hardswish `swish`)" if name.lower() == "hardswish" else ""
+            raise ValueError(
+                f"{name!r} is not an activation that both A1111 and ComfyUI load{hint}; "
+                f"use one of {', '.join(HYPERNETWORK_ACTIVATIONS)}"
+            )
+        return name
+
     @model_validator(mode="after")
     def _structures_fit(self) -> HypernetworkParams:
+        if self.add_layer_norm and self.activation_func != "linear" and not self.activate_output:
+            raise ValueError(
+                f"train.hypernetwork.add_layer_norm with activation_func {self.activation_func!r} needs "
+                "activate_output: true (ComfyUI's loader puts the activation after the output layer of such a file "
+                "either way, so it would sample differently there than in A1111); or turn add_layer_norm off, or "
+                "use activation_func: linear"
+            )
         layers = self.layer_structure
         if layers[0] != 1 or layers[-1] != 1 or any(size <= 0 for size in layers):
             raise ValueError(
@@ -516,8 +581,8 @@ class AestheticGradientParams(Section):
 
     clip_model: str | None = None
     """A CLIP model folder (transformers `CLIPModel`) whose text tower is the base model's text encoder (for SD 1.x:
-    openai/clip-vit-large-patch14); null: the base model's own `image_encoder/` + `feature_extractor/` for the
-    images and `clip/` for the text projection (the tiny world ships both)."""
+    openai/clip-vit-large-patch14); null: the CLIP beside the base model, `<base_model>/clip/`, with the base's
+    `feature_extractor/` for the images (the tiny world ships both)."""
 
     aesthetic_weight: float = Field(default=0.9, ge=0.0, le=1.0)
     """How much of the steered conditioning replaces the prompt's own: (1 - weight) × original + weight × steered
@@ -696,7 +761,7 @@ class TrainParams(Section):
     """LoRA / LoCon / DoRA / LoHa / LoKr adapters: a kohya/A1111 `.safetensors` LoRA (diffusers loads plain LoRA)."""
 
     hypernetwork: HypernetworkParams = Field(default_factory=HypernetworkParams)
-    """A1111 hypernetwork: MLPs on the cross-attention context (an A1111 `.pt` and a `.safetensors` copy)."""
+    """A1111 hypernetwork: MLPs on the attention context (an A1111 `.pt`, which A1111 and ComfyUI load)."""
 
     custom_diffusion: CustomDiffusionParams = Field(default_factory=CustomDiffusionParams)
     """Custom Diffusion: cross-attention K/V and modifier tokens (diffusers `load_attn_procs` weights + embeddings)."""

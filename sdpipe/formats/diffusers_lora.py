@@ -4,13 +4,20 @@ What diffusers' `StableDiffusionPipeline.save_lora_weights(..., unet_lora_adapte
 
     unet.<module path>.lora_A.weight            [r, in(, kh, kw)]    kohya: lora_down.weight
     unet.<module path>.lora_B.weight            [out, r(, 1, 1)]     kohya: lora_up.weight
-    text_encoder.<module path>.lora_A.weight    ...                  (text encoder paths start at `encoder.`)
+    text_encoder.text_model.<module path>.lora_A.weight    ...      (CLIP's module paths before transformers 5)
 
 and, in the safetensors metadata `lora_adapter_metadata`, each component's peft `LoraConfig` as JSON with
 prefixed keys (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`, `unet.target_modules`,
 ...). A layer's scale is lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`), the patterns overriding
 r and lora_alpha for the layers they name. Without that metadata diffusers takes lora_alpha = r: scale 1.
 Older diffusers files name the parts `lora.down.weight` / `lora.up.weight`; both are read.
+
+Text encoder keys: transformers 5's `CLIPTextModel` has no `text_model` module, so diffusers' `save_lora_weights`
+now writes `text_encoder.encoder.layers.0…`. ComfyUI's key map and diffusers with transformers < 5 know only
+`text_encoder.text_model.encoder.layers.0…` and drop the others, while current diffusers strips `text_model.` when
+its model lacks it: sdpipe writes the prefix (`with_text_model`) and reads both forms. The peft config keeps the
+paths without it (`encoder.layers.0.self_attn.q_proj`): peft matches target modules and patterns on the end of a
+module path, so those fit the model with and without `text_model`.
 
 The kohya → diffusers direction keeps the tensors as they are and moves each layer's `alpha` into the
 metadata (the most common alpha as `lora_alpha`, the others in `alpha_pattern`), so ΔW = up · down × alpha / r
@@ -118,6 +125,25 @@ def guess_module_path(component: str, name: str) -> str:
     return module_path if component == "unet" else module_path.removeprefix(kohya.TEXT_MODEL + ".")
 
 
+def with_text_model(component: str, path: str) -> str:
+    """The module path a diffusers LoRA key spells: text encoder paths with CLIP's `text_model.` in front
+    (`encoder.layers.0.mlp.fc1` → `text_model.encoder.layers.0.mlp.fc1`), UNet paths as they are."""
+    if component == "unet":
+        return path
+    return f"{kohya.TEXT_MODEL}.{path.removeprefix(kohya.TEXT_MODEL + '.')}"
+
+
+def with_text_model_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA state dict with `text_model.` in every text encoder key (`with_text_model`)."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        if component != "unet" and rest:
+            key = f"{component}.{with_text_model(component, rest)}"
+        renamed[key] = tensor
+    return renamed
+
+
 def model_module_paths(folder: str | Path) -> dict[str, dict[str, str]]:
     """{component: {kohya name: module path}} of the UNet and text encoder of a diffusers folder.
 
@@ -154,8 +180,9 @@ def kohya_to_diffusers(
     """The diffusers/PEFT tensors and metadata of a kohya LoRA file's tensors and metadata.
 
     `module_paths` ({component: {kohya name: module path}}, from `model_module_paths`) maps names exactly and
-    refuses names that the model lacks; without it the paths are rebuilt from the names. The kohya metadata
-    (`ss_*`, `modelspec.*`) is kept. Raises `SdpipeError` for layers that are not plain LoRA.
+    refuses names that the model lacks; without it the paths are rebuilt from the names. Text encoder keys get
+    `text_model.` (`with_text_model`). The kohya metadata (`ss_*`, `modelspec.*`) is kept. Raises `SdpipeError`
+    for layers that are not plain LoRA.
     """
     converted: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, tuple[int, float]]] = {}  # component → {module path: (rank, alpha)}
@@ -173,9 +200,11 @@ def kohya_to_diffusers(
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         rank = down.shape[0]
         alpha = parts["alpha"].item() if "alpha" in parts else float(rank)
-        converted[f"{component}.{path}.lora_A.weight"] = down
-        converted[f"{component}.{path}.lora_B.weight"] = up
-        layers.setdefault(component, {})[path] = (rank, alpha)
+        key_path = with_text_model(component, path)
+        converted[f"{component}.{key_path}.lora_A.weight"] = down
+        converted[f"{component}.{key_path}.lora_B.weight"] = up
+        # the config's paths without `text_model.`: they match the model's end with or without it
+        layers.setdefault(component, {})[path.removeprefix(kohya.TEXT_MODEL + ".")] = (rank, alpha)
     if unknown:
         raise SdpipeError(
             f"{len(unknown)} LoRA layer(s) match no layer of the --config model: {', '.join(unknown[:3])}"
@@ -277,7 +306,9 @@ def diffusers_to_kohya(
             alpha = parts["alpha"].to(down.dtype).reshape(())
         else:
             alpha = torch.tensor(
-                peft_alpha(configs.get(component, {}), path, rank, f"{component}.{path}"), dtype=down.dtype
+                # looked up with `text_model.`: patterns written with it and without it both match that path
+                peft_alpha(configs.get(component, {}), with_text_model(component, path), rank, f"{component}.{path}"),
+                dtype=down.dtype,
             )
         converted[f"{name}.lora_down.weight"] = down
         converted[f"{name}.lora_up.weight"] = parts["lora_up.weight"]

@@ -8,6 +8,11 @@
 - diffusers `learned_embeds.safetensors` / `.bin`: one tensor named after the token, [dim] or [num_vectors, dim].
 
 `read_embedding` reads any of them; `save_a1111_pt` and `save_safetensors_embedding` write the first two.
+
+A1111 and ComfyUI take an embedding's prompt word from its file name (`sks.safetensors` is `sks` in an A1111
+prompt, `embedding:sks` in ComfyUI), and load every file of their `embeddings/` folder, subfolders included: sdpipe
+names its embedding files after the placeholder token (`file_stem`) and writes each embedding once, as
+`.safetensors` (both tools read it), so that no two files of a model folder give the same word.
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ class Embedding:
     """The token (A1111 uses the file name when the file has none)."""
     fields: dict[str, str] = field(default_factory=dict)
     """A1111's `step`, `sd_checkpoint`, `sd_checkpoint_name` where known, as text."""
+
+
+def file_stem(token: str, key: str) -> str:
+    """The file name, without suffix, of the embedding of `token`: the token without `<`, `>` and any other
+    character but letters, digits and `._-`, and without leading dots (`<sks>` → `sks`), the word A1111 and
+    ComfyUI users then type. `key` names the params key of the token, for the error when nothing is left."""
+    stem = "".join(c for c in token if c.isalnum() or c in "._-").lstrip(".")
+    if not stem:
+        raise SdpipeError(f"{key} {token!r} has no letter or digit to name the embedding file with, e.g. <sks>")
+    return stem
 
 
 def read_embedding(path: str | Path) -> Embedding:

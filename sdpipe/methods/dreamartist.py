@@ -12,8 +12,11 @@ extension trains it:
    eps_neg + cfg_scale × (eps_pos − eps_neg) with the noise (min-SNR weighting and the rest from the training core):
    the positive embedding learns what the concept is, the negative one what to steer away from.
 4. `save` writes `<name>.safetensors` and `<name>-neg.safetensors` (A1111/kohya: one key `emb_params`,
-   [num_vectors, hidden]), with A1111 `.pt` copies; `<name>` is the placeholder token without `<`, `>` (`sks`).
-   Use `<sks>` in the prompt and `<sks>-neg` in the negative prompt, at a guidance scale near `cfg_scale`.
+   [num_vectors, hidden]); `<name>` is the placeholder token without `<`, `>` (`sks`). A1111 and ComfyUI take the
+   prompt word from the file name: `sks` in the prompt and `sks-neg` in the negative prompt (ComfyUI:
+   `embedding:sks`, `embedding:sks-neg`); diffusers: `<sks>` and `<sks>-neg` after `load_textual_inversion`. Use
+   them at a guidance scale near `cfg_scale`. Each embedding is one file (no A1111 `.pt` beside it, which would
+   give A1111 the same word twice; `sdpipe convert` writes one where needed).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdpipe.config.train import DreamArtistParams
 from sdpipe.errors import SdpipeError
-from sdpipe.formats.embeddings import Embedding, save_a1111_pt, save_safetensors_embedding
+from sdpipe.formats.embeddings import Embedding, file_stem, save_safetensors_embedding
 from sdpipe.methods.textual_inversion import TextualInversion, checkpoint_hash
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, run_training
@@ -47,7 +50,7 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     defaults to the negative embedding (see `DreamArtistPipeline`), and the word that names the concept."""
     settings = params.train.dreamartist
     token, negative = settings.placeholder_token, negative_token(settings.placeholder_token)
-    stem = file_stem(token)
+    stem = file_stem(token, "train.dreamartist.placeholder_token")
     base = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
     pipeline = DreamArtistPipeline.from_pipe(base)
     pipeline.load_textual_inversion(str(model_dir / f"{stem}.safetensors"), token=token)
@@ -59,16 +62,6 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
 def negative_token(token: str) -> str:
     """The negative embedding's token: `<sks>` → `<sks>-neg`."""
     return token + NEGATIVE_SUFFIX
-
-
-def file_stem(token: str) -> str:
-    """The embedding's file name (A1111 names an embedding after its file): the token's letters, digits and `._-`."""
-    stem = "".join(c for c in token if c.isalnum() or c in "._-")
-    if not stem:
-        raise SdpipeError(
-            f"train.dreamartist.placeholder_token {token!r} has no letter or digit to name the embedding files with"
-        )
-    return stem
 
 
 def replace_token(text: str, token: str, replacement: str) -> str:
@@ -104,7 +97,7 @@ class DreamArtist(TextualInversion):
     def __init__(self, params: DreamArtistParams, base_model: str, seed: int = 0):
         super().__init__(params, base_model)  # the positive tokens and their caption rewriting
         self.seed = seed
-        self.file_stem = file_stem(params.placeholder_token)
+        self.file_stem = file_stem(params.placeholder_token, f"{self.params_key}.placeholder_token")
         self.positive_tokens = self.tokens
         negative = negative_token(params.placeholder_token)
         self.negative_tokens = [negative] + [f"{negative}_{i}" for i in range(1, params.negative_num_vectors)]
@@ -185,6 +178,4 @@ class DreamArtist(TextualInversion):
             (self.file_stem + NEGATIVE_SUFFIX, self.negative_tokens[0], vectors[positive_count:]),
         )
         for stem, token, rows in files:
-            embedding = Embedding(rows.contiguous(), token, fields)
-            save_safetensors_embedding(embedding, folder / f"{stem}.safetensors")
-            save_a1111_pt(embedding, folder / f"{stem}.pt")
+            save_safetensors_embedding(Embedding(rows.contiguous(), token, fields), folder / f"{stem}.safetensors")

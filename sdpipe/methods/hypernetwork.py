@@ -15,10 +15,12 @@ and its queries as before. The UNet and the text encoder stay frozen; only the M
    `self_attention`, MLPs for the self-attention widths train too (A1111's `Modules` 320, 640, 1280 on SD 1.x).
 2. The training core (`sdpipe.training`) runs the diffusion loss on the captions as they are: the default
    `outlined` dataset teaches a style to every prompt, with no trigger word.
-3. `save` writes `hypernetwork.pt` in A1111's layout (its `models/hypernetworks/` folder loads it as it is; the
-   file loads with `torch.load(weights_only=True)`): {context width (int): (K state dict, V state dict)} plus
-   `layer_structure`, `activation_func`, `is_layer_norm`, ... and a `hypernetwork.safetensors` copy
-   (`<width>.<k|v>.<state-dict key>`, the same settings as JSON strings in its metadata).
+3. `save` writes `hypernetwork.pt` in A1111's layout, the only file of the model folder: {context width (int):
+   (K state dict, V state dict)} plus `layer_structure`, `activation_func`, `is_layer_norm`, ... It loads with
+   `torch.load(weights_only=True)`, and A1111 and ComfyUI load it from `models/hypernetworks/` as it is (params
+   allow only the activations and layouts that both rebuild the same way). There is no `.safetensors` copy: A1111
+   lists only `.pt` hypernetworks, and ComfyUI lists `.safetensors` ones too but reads them as flat tensor names,
+   finds no integer context-width key in any layout a `.safetensors` file can hold, and silently applies nothing.
 
 At sampling time `sampling_pipeline` reads `hypernetwork.pt` back (its own settings, not params', decide the MLPs:
 any A1111 hypernetwork file works) and applies it at `train.hypernetwork.strength` by A1111's rule: every attention
@@ -27,7 +29,6 @@ layer gets the MLPs of the width of what its K and V come from, when the file ha
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,20 +39,19 @@ from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import HypernetworkParams
 from sdpipe.errors import SdpipeError
 from sdpipe.formats.pickled import load_pickled
-from sdpipe.io import save_safetensors
 from sdpipe.methods.textual_inversion import checkpoint_hash
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, TrainingMethod, run_training
 
 A1111_FILE = "hypernetwork.pt"
-SAFETENSORS_FILE = "hypernetwork.safetensors"
 NAME = "hypernetwork"  # A1111 names a hypernetwork after its file
-# A1111's names; "swish" is its name for Hardswish. Any other is a torch.nn activation class, lowercased (`gelu`).
+# A1111's names; "swish" is its name for Hardswish. Any other is a torch.nn activation class, lowercased (`gelu`):
+# A1111 files may hold any of them; what sdpipe trains is limited to those ComfyUI loads too (HypernetworkParams).
 ACTIVATIONS = {"linear": torch.nn.Identity, "swish": torch.nn.Hardswish}
 
 
 def train(params, out_dir: Path) -> dict:
-    """The `train@hypernetwork` stage: trains the MLPs, writes `<out_dir>/model/hypernetwork.pt` (and .safetensors)."""
+    """The `train@hypernetwork` stage: trains the MLPs, writes `<out_dir>/model/hypernetwork.pt`."""
     method = HypernetworkTraining(params.train.hypernetwork, base_model=params.base.base_model)
     return run_training(params, method, out_dir)
 
@@ -343,10 +343,7 @@ class HypernetworkTraining(TrainingMethod):
         return common_ops.model_copy(update={"caption_dropout": self.params.caption_dropout})
 
     def save(self, models: Models, folder: Path, step: int) -> None:
-        data = a1111_hypernetwork(models.unet.hypernetwork, step, self.base_model)
-        torch.save(data, folder / A1111_FILE)
-        tensors, metadata = safetensors_layout(data)
-        save_safetensors(tensors, folder / SAFETENSORS_FILE, metadata)
+        torch.save(a1111_hypernetwork(models.unet.hypernetwork, step, self.base_model), folder / A1111_FILE)
 
 
 def a1111_hypernetwork(hypernetwork: Hypernetwork, step: int, base_model: str) -> dict:
@@ -367,18 +364,6 @@ def a1111_hypernetwork(hypernetwork: Hypernetwork, step: int, base_model: str) -
         }
     )
     return data
-
-
-def safetensors_layout(data: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """An A1111 hypernetwork dict as safetensors: `<width>.<k|v>.<key>` tensors, the other entries as JSON strings."""
-    tensors, metadata = {}, {}
-    for key, value in data.items():
-        if isinstance(key, int):
-            for part, state in zip("kv", value):
-                tensors.update({f"{key}.{part}.{name}": tensor.contiguous() for name, tensor in state.items()})
-        else:
-            metadata[key] = json.dumps(value)
-    return tensors, metadata
 
 
 def load_hypernetwork(path: Path) -> Hypernetwork:

@@ -10,10 +10,13 @@ W + ΔW. How ΔW is made is the `algorithm` (through peft):
   from 2× LoRA's parameters;
 - `lokr` (LyCORIS): a Kronecker product w1 ⊗ w2 of two small matrices (w2 low-rank when the layer is wide).
 
-1. `setup` puts adapters on every linear layer of the UNet's transformer blocks, as kohya does (proj_in/proj_out,
-   to_q/to_k/to_v/to_out.0 of self- and cross-attention, the feed-forward layers); with `conv` also on its ResNet
-   and down/upsampler convolutions (LoCon, at `conv_rank` and `conv_alpha`); with `train_text_encoder` also on
-   the CLIP text encoder's q/k/v/out_proj. Only the adapters train.
+1. `setup` puts adapters on the layers the `preset` names (LyCORIS's names): by default (`sdpipe`) every linear
+   layer of the UNet's transformer blocks, as kohya does (proj_in/proj_out, to_q/to_k/to_v/to_out.0 of self- and
+   cross-attention, the feed-forward layers); `attn-only` the attention projections alone, as diffusers' scripts
+   do; `full-lin` and `full` every linear (and conv) layer. With `conv` also on the UNet's ResNet and
+   down/upsampler convolutions (LoCon, at `conv_rank` and `conv_alpha`); with `train_text_encoder` also on the
+   CLIP text encoder's q/k/v/out_proj (and its MLP's fc1/fc2 for `attn-mlp`, `full-lin` and `full`, as kohya
+   does). Only the adapters train.
 2. The training core (`sdpipe.training`) runs the diffusion loss on the captions as they are: the trigger word
    of the captions (`sks`) becomes the concept because the adapted cross-attention learns what it means. The text
    encoder's adapters train at their own rate (a second optimizer parameter group). With `prior_loss_weight` the
@@ -24,7 +27,8 @@ W + ΔW. How ΔW is made is the `algorithm` (through peft):
    ComfyUI and kohya's tools load it as it is (`<lora:lora:1>`), diffusers reads plain LoRA
    (`pipe.load_lora_weights(folder, weight_name="lora.safetensors")`). For `lora` and `dora` it also writes
    `pytorch_lora_weights.safetensors` in diffusers' PEFT layout (`pipe.load_lora_weights(folder)`), the one
-   diffusers reads DoRA from (it drops kohya's `dora_scale`).
+   diffusers reads DoRA from (it drops kohya's `dora_scale`); its text encoder keys keep CLIP's `text_model.`
+   (`text_encoder.text_model.encoder.layers.0…`), which ComfyUI and diffusers before transformers 5 need.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from sdpipe.class_images import shared_prior_preservation
 from sdpipe.config.train import LoraParams
 from sdpipe.data.captions import load_captions, split_tags
 from sdpipe.errors import SdpipeError
+from sdpipe.formats.diffusers_lora import with_text_model_keys
 from sdpipe.formats.kohya import load_kohya_lora, merge_lora, peft_to_kohya, save_kohya_lora
 from sdpipe.io import save_safetensors
 from sdpipe.models.loading import load_pipeline, model_fingerprint, resolve_device, resolve_dtype
@@ -56,8 +61,15 @@ KEY = "train.lora"
 LORA_FILE = "lora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 UNET_TRANSFORMER = ".attentions."  # the Transformer2DModel blocks of the down, mid and up blocks
-UNET_CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")
-TEXT_ENCODER_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
+UNET_ATTENTION = re.compile(r"\.attn\d+\.(to_q|to_k|to_v|to_out\.0)$")  # self- and cross-attention projections
+UNET_RESNETS = ".resnets."
+UNET_CONV_BLOCKS = (UNET_RESNETS, ".downsamplers.", ".upsamplers.")  # kohya's LoCon blocks
+UNET_TIME_EMBEDDING = ("time_embedding.linear_1", "time_embedding.linear_2")
+UNET_STEM_CONVS = ("conv_in", "conv_out")
+TEXT_ENCODER_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")  # CLIPAttention
+TEXT_ENCODER_MLP = (".fc1", ".fc2")  # CLIPMLP
+ATTENTION_ONLY_TEXT_ENCODER = ("attn-only", "sdpipe")  # presets that leave out the text encoder's MLP
+KOHYA_PRESETS = ("sdpipe", "attn-mlp")  # what kohya's networks.lora builds (with conv_dim for LoCon)
 MIXED_PRECISION = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}  # kohya's names
 DIFFUSERS_LOADABLE = ("lora", "dora")  # algorithms diffusers' load_lora_weights reads (DoRA from its own layout)
 
@@ -92,7 +104,7 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
 
 
 class Lora(TrainingMethod):
-    """Trains peft adapters on the UNet's attention (optionally its convs and the text encoder); saves a kohya LoRA."""
+    """Trains peft adapters on the layers of the UNet (and text encoder) its preset names; saves a kohya LoRA."""
 
     name = "lora"
 
@@ -116,15 +128,12 @@ class Lora(TrainingMethod):
 
         self.started_at = timestamp()
         params = self.params
-        layers = {path: (params.rank, params.alpha) for path in unet_transformer_layers(models.unet)}
-        if params.conv:
-            layers.update({path: (params.conv_rank, params.conv_alpha) for path in unet_conv_layers(models.unet)})
-        self.configs["unet"] = adapter_config(params, layers)
+        self.configs["unet"] = adapter_config(params, unet_layers(models.unet, params))
         inject_adapter_in_model(self.configs["unet"], models.unet)
         self.unet_parameters = [p for p in models.unet.parameters() if p.requires_grad]
         self.text_encoder_parameters = []
         if params.train_text_encoder:
-            layers = {path: (params.rank, params.alpha) for path in text_encoder_attention_layers(models.text_encoder)}
+            layers = {path: (params.rank, params.alpha) for path in text_encoder_layers(models.text_encoder, params)}
             self.configs["text_encoder"] = adapter_config(params, layers)
             inject_adapter_in_model(self.configs["text_encoder"], models.text_encoder)
             self.text_encoder_parameters = [p for p in models.text_encoder.parameters() if p.requires_grad]
@@ -158,7 +167,7 @@ class Lora(TrainingMethod):
         metadata = {
             **self.run_metadata,
             "ss_output_name": Path(LORA_FILE).stem,
-            "ss_network_module": "networks.lora" if params.algorithm == "lora" else "lycoris.kohya",
+            "ss_network_module": network_module(params),
             "ss_network_dim": str(params.rank),
             "ss_network_alpha": str(float(params.alpha)),
             "ss_network_dropout": str(float(params.dropout)),
@@ -203,40 +212,68 @@ class Lora(TrainingMethod):
             layers["text_encoder_lora_layers"] = get_peft_model_state_dict(models.text_encoder)
             configs["text_encoder_lora_adapter_metadata"] = adapter_metadata(self.configs["text_encoder"])
         StableDiffusionPipeline.save_lora_weights(folder, weight_name=DIFFUSERS_FILE, **layers, **configs)
-        # Written again with a sorted header: diffusers' file bytes change from one process to the next.
+        # Written again with a sorted header (diffusers' file bytes change from one process to the next), and
+        # `text_encoder.text_model.…` keys, which ComfyUI and older diffusers need (`with_text_model`).
         tensors, metadata = load_kohya_lora(folder / DIFFUSERS_FILE)
-        save_safetensors(tensors, folder / DIFFUSERS_FILE, metadata)
+        # As a new file: safetensors (0.8) creates its files with mode 0600, which rewriting in place would keep.
+        (folder / DIFFUSERS_FILE).unlink()
+        save_safetensors(with_text_model_keys(tensors), folder / DIFFUSERS_FILE, metadata)
 
 
-def unet_transformer_layers(unet: torch.nn.Module) -> list[str]:
-    """Module paths of every linear (and 1x1 conv) layer of the UNet's transformer blocks: the attention projections,
-    the feed-forward layers and proj_in/proj_out (kohya's `Transformer2DModel` targets)."""
-    return [
-        path
-        for path, module in unet.named_modules()
-        if UNET_TRANSFORMER in path and (isinstance(module, torch.nn.Linear) or is_conv_1x1(module))
-    ]
+def unet_layers(unet: torch.nn.Module, params: LoraParams) -> dict[str, tuple[int, float]]:
+    """{module path: (rank, alpha)} of the UNet layers that `params.preset` and `params.conv` adapt.
+
+    Linear and 1x1 conv layers get `rank` and `alpha`, 3x3 convolutions `conv_rank` and `conv_alpha`, as in kohya's
+    and LyCORIS's networks; the `sdpipe` preset's LoCon (as sdpipe always did it) gives every convolution of the
+    ResNet blocks and down/upsamplers `conv_rank` and leaves their time_emb_proj out.
+    """
+    layers = {}
+    for path, module in unet.named_modules():
+        if is_linear(module) and is_unet_linear_target(path, params):
+            layers[path] = (params.rank, params.alpha)
+        elif isinstance(module, torch.nn.Conv2d) and is_unet_conv_target(path, params):
+            layers[path] = (params.conv_rank, params.conv_alpha)
+    return layers
 
 
-def is_conv_1x1(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+def is_unet_linear_target(path: str, params: LoraParams) -> bool:
+    preset = params.preset
+    if preset != "sdpipe" and params.adapts_convs and any(block in path for block in UNET_CONV_BLOCKS):
+        # kohya's conv_dim adds ResnetBlock2D, Downsample2D and Upsample2D whole: their linear and 1x1 layers
+        # (time_emb_proj, conv_shortcut) at the linear rank. (`sdpipe` keeps its own LoCon: every conv at conv_rank.)
+        return True
+    if preset == "attn-only":  # diffusers' target_modules to_q/to_k/to_v/to_out.0; LyCORIS CrossAttention
+        return UNET_TRANSFORMER in path and UNET_ATTENTION.search(path) is not None
+    if preset in ("sdpipe", "attn-mlp"):  # kohya's Transformer2DModel
+        return UNET_TRANSFORMER in path
+    # full-lin, full: LyCORIS adds ResnetBlock2D (time_emb_proj, conv_shortcut) and the time embedding
+    return UNET_TRANSFORMER in path or UNET_RESNETS in path or path in UNET_TIME_EMBEDDING
 
 
-def unet_conv_layers(unet: torch.nn.Module) -> list[str]:
-    """Module paths of the convolutions in the UNet's ResNet blocks and down/upsamplers (what LoCon adds)."""
-    return [
-        path
-        for path, module in unet.named_modules()
-        if isinstance(module, torch.nn.Conv2d) and any(block in path for block in UNET_CONV_BLOCKS)
-    ]
+def is_unet_conv_target(path: str, params: LoraParams) -> bool:
+    """A conv layer that no linear target took: LoCon's ResNet and down/upsampler convs, `full`'s conv_in/conv_out."""
+    if params.adapts_convs and any(block in path for block in UNET_CONV_BLOCKS):
+        return True
+    return params.preset == "full" and path in UNET_STEM_CONVS
 
 
-def text_encoder_attention_layers(text_encoder: torch.nn.Module) -> list[str]:
-    """Module paths of the CLIP text encoder's attention projections (q/k/v/out_proj of every layer)."""
+def is_linear(module: torch.nn.Module) -> bool:
+    """A linear layer, or a 1x1 convolution (SD 1's proj_in/proj_out, ResNet shortcuts), which kohya treats as one."""
+    return isinstance(module, torch.nn.Linear) or (
+        isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+    )
+
+
+def text_encoder_layers(text_encoder: torch.nn.Module, params: LoraParams) -> list[str]:
+    """Module paths of the CLIP text encoder's layers that `params.preset` adapts: q/k/v/out_proj of every layer
+    (diffusers' scripts), with the MLP's fc1/fc2 too for kohya's and LyCORIS's presets (CLIPAttention + CLIPMLP)."""
+    suffixes = TEXT_ENCODER_ATTENTION
+    if params.preset not in ATTENTION_ONLY_TEXT_ENCODER:
+        suffixes += TEXT_ENCODER_MLP
     return [
         path
         for path, module in text_encoder.named_modules()
-        if isinstance(module, torch.nn.Linear) and path.endswith(TEXT_ENCODER_ATTENTION)
+        if isinstance(module, torch.nn.Linear) and path.endswith(suffixes)
     ]
 
 
@@ -259,14 +296,24 @@ def adapter_config(params: LoraParams, layers: dict[str, tuple[int, float]]):
     return config_class(alpha=params.alpha, rank_dropout=params.dropout, **common)
 
 
+def network_module(params: LoraParams) -> str:
+    """kohya's `network_module` that builds this network: `networks.lora` for plain LoRA on kohya's layers, else
+    LyCORIS's `lycoris.kohya` (its algorithms, and its presets for other layers)."""
+    if params.algorithm == "lora" and params.preset in KOHYA_PRESETS:
+        return "networks.lora"
+    return "lycoris.kohya"
+
+
 def network_args(params: LoraParams) -> dict[str, str]:
-    """kohya's `network_args` (strings, as its command line gives them) that rebuild this network."""
+    """kohya's `network_args` (strings, as its command line gives them) that rebuild this network: LyCORIS's `algo`
+    and `preset`, LoCon's `conv_dim` and `conv_alpha`."""
     args: dict[str, str] = {}
-    if params.algorithm != "lora":
+    if network_module(params) == "lycoris.kohya":
         args["algo"] = "lora" if params.algorithm == "dora" else params.algorithm
         if params.algorithm == "dora":
             args.update({"dora_wd": "True", "wd_on_output": "True"})
-    if params.conv:
+    args["preset"] = params.preset
+    if params.adapts_convs:
         args.update({"conv_dim": str(params.conv_rank), "conv_alpha": str(float(params.conv_alpha))})
     return args
 

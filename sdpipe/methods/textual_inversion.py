@@ -10,9 +10,12 @@ Nothing of the model changes but one new row (or several) of the text encoder's 
 3. The training core (`sdpipe.training`) runs the diffusion loss through the frozen UNet; gradients reach the
    embedding matrix only, and `after_optimizer_step` puts every row but the new ones back (AdamW's weight decay
    would otherwise move them).
-4. `save` writes the learned rows as `embedding.safetensors` (the A1111/kohya layout, one key `emb_params`,
-   [num_vectors, hidden]; diffusers: `pipe.load_textual_inversion(path, token="<sks>")`) and `embedding.pt`
-   (A1111's layout; loads with `torch.load(weights_only=True)`; diffusers takes the token from its `name`).
+4. `save` writes the learned rows as `<name>.safetensors`, `<name>` being the placeholder token without `<`, `>`
+   (`<sks>` → `sks.safetensors`): the A1111/kohya layout, one key `emb_params`, [num_vectors, hidden], which
+   A1111 and ComfyUI load from their `embeddings/` folder as the prompt word `<name>` (`sks`; ComfyUI:
+   `embedding:sks`) and diffusers with `pipe.load_textual_inversion(path, token="<sks>")`. Only that one file:
+   an A1111 `.pt` beside it would have the same name, and A1111 would load the word twice
+   (`sdpipe convert sks.safetensors sks.pt` writes one for A1111 versions that predate safetensors).
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ from pathlib import Path
 import torch
 
 from sdpipe.config.train import TextualInversionParams
-from sdpipe.encode import save_safetensors
 from sdpipe.errors import SdpipeError
+from sdpipe.formats.embeddings import Embedding, file_stem, save_safetensors_embedding
 from sdpipe.models.loading import load_pipeline, model_fingerprint
 from sdpipe.training import Models, TrainingMethod, run_training
 
-SAFETENSORS_FILE = "embedding.safetensors"
-A1111_FILE = "embedding.pt"
-A1111_TOKEN_ID = 265  # A1111 always writes 265 (CLIP's id of `*`) here; loaders ignore it
+
+def embedding_file(token: str, key: str = "train.textual_inversion.placeholder_token") -> str:
+    """The name of the embedding file of `token`: `<sks>` → `sks.safetensors` (A1111 and ComfyUI take the prompt
+    word from the file name). `key` names the params key of the token, for errors."""
+    return f"{file_stem(token, key)}.safetensors"
 
 
 def train(params, out_dir: Path) -> dict:
-    """The `train@textual_inversion` stage: trains the embedding and writes `<out_dir>/model/embedding.*`."""
+    """The `train@textual_inversion` stage: trains the embedding and writes `<out_dir>/model/<name>.safetensors`."""
     method = TextualInversion(params.train.textual_inversion, base_model=params.base.base_model)
     return run_training(params, method, out_dir)
 
@@ -43,8 +48,11 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     """The base pipeline with the trained embedding loaded as a user would (`load_textual_inversion`), and the
     word that names the concept in its prompts (the placeholder token)."""
     token = params.train.textual_inversion.placeholder_token
+    path = Path(model_dir) / embedding_file(token)
+    if not path.is_file():
+        raise SdpipeError(f"{path}: no embedding of {token!r}; run `dvc repro train@textual_inversion` first")
     pipeline = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
-    pipeline.load_textual_inversion(str(model_dir / SAFETENSORS_FILE), token=token)
+    pipeline.load_textual_inversion(str(path), token=token)
     return pipeline, token
 
 
@@ -111,20 +119,16 @@ class TextualInversion(TokenRowsTraining, TrainingMethod):
         return self.embeddings.detach()[self.token_ids].float().cpu().contiguous()
 
     def save(self, models: Models, folder: Path, step: int) -> None:
-        vectors = self.learned_vectors()
-        metadata = {"placeholder_token": self.params.placeholder_token, "num_vectors": str(len(self.tokens))}
-        save_safetensors({"emb_params": vectors}, folder / SAFETENSORS_FILE, metadata)
-        torch.save(
-            {
-                "string_to_token": {"*": A1111_TOKEN_ID},
-                "string_to_param": {"*": vectors.clone()},
-                "name": self.params.placeholder_token,
-                "step": step,
-                "sd_checkpoint": checkpoint_hash(self.base_model),
-                "sd_checkpoint_name": Path(self.base_model).stem,
-            },
-            folder / A1111_FILE,
-        )
+        """`<name>.safetensors`: `emb_params` and, as metadata, the token, the vector count and A1111's `step`,
+        `sd_checkpoint` and `sd_checkpoint_name` (which `sdpipe convert` carries into an A1111 `.pt`)."""
+        token = self.params.placeholder_token
+        fields = {
+            "step": str(step),
+            "sd_checkpoint": checkpoint_hash(self.base_model),
+            "sd_checkpoint_name": Path(self.base_model).stem,
+        }
+        embedding = Embedding(self.learned_vectors(), token, fields)
+        save_safetensors_embedding(embedding, folder / embedding_file(token, f"{self.params_key}.placeholder_token"))
 
 
 def add_tokens(

@@ -28,6 +28,7 @@ from diffusers import (
 )
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
+from sdpipe.models.saving import save_pipeline
 from sdpipe.models.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
 
 SD2_UNET = dict(
@@ -62,8 +63,11 @@ ARCHITECTURES = {
 }
 
 
-def save_random_models(arch: str, folder: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """Builds `arch`'s models with random weights (seed 0), saves them under `folder` in `dtype`; returns their paths."""
+def save_random_models(
+    arch: str, folder: str | Path, dtype: torch.dtype = torch.float32, extras: bool = True
+) -> dict[str, Path]:
+    """Builds `arch`'s models with random weights (seed 0), saves them under `folder` in `dtype`; returns their paths.
+    Without `extras`, only the base pipeline (`model/`)."""
     from transformers import CLIPImageProcessor
 
     from sdpipe.tinyworld.models import sample_scheduler
@@ -93,9 +97,11 @@ def save_random_models(arch: str, folder: str | Path, dtype: torch.dtype = torch
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.to(dtype).save_pretrained(paths["model"])
+    save_pipeline(pipeline.to(dtype), paths["model"])
     vae, unet = pipeline.vae, pipeline.unet
     del pipeline
+    if not extras:
+        return {"model": paths["model"]}
 
     clip_config = CLIPConfig(
         text_config={**clip_text_config, **token_ids},
@@ -126,10 +132,11 @@ def save_random_models(arch: str, folder: str | Path, dtype: torch.dtype = torch
     return paths
 
 
-if __name__ == "__main__":  # python -m sdpipe.models.random_weights ARCH FOLDER [fp32|fp16]: prints the paths as JSON
+if __name__ == "__main__":  # python -m sdpipe.models.random_weights ARCH FOLDER [fp32|fp16] [--model-only]
     import json
     import sys
 
     arch, folder, dtype = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "fp32"
-    saved = save_random_models(arch, folder, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16}
+    saved = save_random_models(arch, folder, dtypes[dtype], extras="--model-only" not in sys.argv)
     print(json.dumps({name: str(path) for name, path in saved.items()}))
