@@ -28,7 +28,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from sdpipe.encode import dataset_images, encode_pixels, load_pixels, read_manifest
-from sdpipe.methods.aesthetic_gradient import ClipImageEncoder
+from sdpipe.models.clip_image import ClipImageEncoder
 from sdpipe.tinyworld import oracle, scoring
 from sdpipe.tinyworld.pretrain import encode_text
 

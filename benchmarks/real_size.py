@@ -33,14 +33,14 @@ from pathlib import Path
 
 import yaml
 
+from sdpipe.methods.registry import METHODS as REGISTERED_METHODS  # light: no torch
+
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 METHODS = {
-    "sd15": ["textual_inversion", "lora", "dreambooth", "finetune", "dreamartist", "custom_diffusion", "hypernetwork",
-             "aesthetic_gradient", "null_text_inversion", "clip_inversion"],
+    "sd15": list(REGISTERED_METHODS),
     # no image-variations model exists for SD 2.x (its unCLIP takes another conditioning): CLIP inversion is SD 1.5's
-    "sd2": ["textual_inversion", "lora", "dreambooth", "finetune", "dreamartist", "custom_diffusion", "hypernetwork",
-            "aesthetic_gradient", "null_text_inversion"],
+    "sd2": [name for name in REGISTERED_METHODS if name != "clip_inversion"],
 }
 # Peak RSS in GiB measured on SD 1.5, fp32, 2 CPU cores, before the fixes of issue #24 (the issue's own figures).
 BASELINE_GIB = {

@@ -142,10 +142,9 @@ def instrument(loop, params, variant: str, stamps: list[float], served: list[int
 
 def child(method: str, variant: str, steps: int, warmup: int, params_path: Path) -> None:
     """Trains `method` for `warmup + steps` steps and prints its figures as JSON (the last line of stdout)."""
-    import importlib
-
     import torch
 
+    from sdpipe.methods.registry import METHODS
     from sdpipe.models.loading import resolve_device
     from sdpipe.training import loop
 
@@ -154,9 +153,8 @@ def child(method: str, variant: str, steps: int, warmup: int, params_path: Path)
     served: list[int] = []
     encoding: list[tuple[int, float]] = []
     instrument(loop, params, variant, stamps, served, encoding)
-    module = importlib.import_module(f"sdpipe.methods.{method}")
     with tempfile.TemporaryDirectory(prefix=f"bench-{method}-") as out:
-        module.train(params, Path(out))
+        METHODS[method].train(params, Path(out))
     if len(stamps) != warmup + steps + 1:
         raise SystemExit(f"{method}: expected {warmup + steps} training steps through sdpipe.training, saw {len(stamps) - 1}")
     durations = [later - earlier for earlier, later in itertools.pairwise(stamps)][warmup:]

@@ -123,10 +123,8 @@ def read_prompt_file(path: Path) -> list[str]:
 
 def torch_pipeline(model: str | None, method: str | None, params_file: Path):
     """The PyTorch pipeline of `--model`, or of `--method` (loaded by the method's `sampling_pipeline`)."""
-    import importlib
-
-    from sdpipe.config.train import METHODS
     from sdpipe.errors import SdpipeError
+    from sdpipe.methods.registry import METHODS
     from sdpipe.models.loading import load_pipeline, resolve_device
 
     device = resolve_device("auto")
@@ -141,7 +139,7 @@ def torch_pipeline(model: str | None, method: str | None, params_file: Path):
     model_dir = Path(params.paths.train) / method / "model"
     if not model_dir.is_dir():
         raise SdpipeError(f"--method {method}: {model_dir} does not exist; run `dvc repro train@{method}` first")
-    pipe, trigger = importlib.import_module(f"sdpipe.methods.{method}").sampling_pipeline(params, model_dir, device)
+    pipe, trigger = METHODS[method].sampling_pipeline(params, model_dir, device)
     console.print(f"{method}: the concept's word in prompts is {escape(repr(trigger))}", highlight=False)
     return pipe, f"PyTorch ({device})", method
 

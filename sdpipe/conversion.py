@@ -136,20 +136,15 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Writes `tensors` atomically; tensors that share memory (tied weights in a pickle) are copied, which
-    safetensors requires."""
-    contiguous, storages = {}, set()
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        contiguous[key] = tensor.clone() if storage in storages else tensor
-        storages.add(storage)
+    """Writes `tensors` atomically, one at a time; tensors that share memory (tied weights in a pickle) and
+    non-contiguous views are each written as their own copy (`save_safetensors`)."""
     with atomic_path(path) as tmp:
-        save_safetensors(contiguous, tmp, metadata or None)
+        save_safetensors(tensors, tmp, metadata or None)
 
 
 def single_file_to_diffusers(src: Path, dst: Path, config: str | Path | None) -> str:
     """An original-layout single file as a diffusers folder, its architecture from `config` (a diffusers folder)."""
+    from sdpipe.models.saving import save_pipeline
     from sdpipe.models.single_file import load_single_file_pipeline
 
     if config is None:
@@ -159,5 +154,5 @@ def single_file_to_diffusers(src: Path, dst: Path, config: str | Path | None) ->
         )
     pipeline = load_single_file_pipeline(src, config)
     with atomic_path(dst) as tmp:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipeline, tmp)
     return f"{src} → {dst}: diffusers folder (architecture from {config})"

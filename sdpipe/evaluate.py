@@ -24,7 +24,6 @@ first, as the reference row). The metrics:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from sdpipe.config.merge import LORA_FILE_METHODS
 from sdpipe.encode import dataset_images, load_latents
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, read_jsonl, write_json
+from sdpipe.methods.registry import METHODS
 from sdpipe.models.loading import load_pipeline
 from sdpipe.progress import log
 from sdpipe.tinyworld import oracle, scoring, world
@@ -63,14 +63,14 @@ def candidates(params, device: torch.device):
     base = params.base
     yield Candidate("base", load_pipeline(base.base_model, base.base_model_config, device=device), params.evaluate.trigger)
     for method in params.train.methods:
-        module = importlib.import_module(f"sdpipe.methods.{method}")
+        entry = METHODS[method]
         model_dir = Path(params.paths.train) / method / "model"
         if not model_dir.is_dir():
             raise SdpipeError(f"{model_dir}: no trained model; run `dvc repro train@{method}` first")
-        if hasattr(module, "evaluation_metrics"):
-            yield Candidate(method, None, params.evaluate.trigger, module.evaluation_metrics(params, model_dir.parent))
+        if entry.own_metrics:
+            yield Candidate(method, None, params.evaluate.trigger, entry.evaluation_metrics(params, model_dir.parent))
             continue
-        pipeline, trigger = module.sampling_pipeline(params, model_dir, device)
+        pipeline, trigger = entry.sampling_pipeline(params, model_dir, device)
         yield Candidate(method, pipeline, trigger)
     for recipe in merge_recipe_names(params):
         folder = Path(params.paths.merge) / recipe / "model"

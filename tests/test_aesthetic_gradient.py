@@ -15,7 +15,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 from sdpipe.config import parse_params
 from sdpipe.io import write_jsonl
 from sdpipe.methods import aesthetic_gradient
-from sdpipe.methods.aesthetic_gradient import CLIPImageProcessor
+from sdpipe.models.clip_image import CLIPImageProcessor
 from sdpipe.models.loading import load_pipeline
 from sdpipe.tinyworld import models as tiny_models
 from sdpipe.tinyworld import scoring

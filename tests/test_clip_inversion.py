@@ -13,7 +13,7 @@ from sdpipe.config import parse_params
 from sdpipe.errors import SdpipeError
 from sdpipe.io import write_jsonl
 from sdpipe.methods import clip_inversion
-from sdpipe.methods.aesthetic_gradient import ClipImageEncoder
+from sdpipe.models.clip_image import ClipImageEncoder
 from sdpipe.tinyworld.models import build_random_variations_pipeline
 
 IMAGES = 3

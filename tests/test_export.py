@@ -22,6 +22,7 @@ from sdpipe.export import onnx as onnx_export
 from sdpipe.export.onnx import export_onnx, torch_generate
 from sdpipe.export.onnx_pipeline import OnnxStableDiffusion, execution_providers
 from sdpipe.export.source import export_name, fuse_adapters, load_export_pipeline
+from sdpipe.io import atomic_path
 from sdpipe.models.loading import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,8 +176,9 @@ def test_every_exported_file_gets_the_mode_the_umask_gives(exported, pipe, tmp_p
     spec = onnx_export.graph_specs(pipe)["vae_decoder"]
     previous = os.umask(0o027)
     try:
-        onnx_export.export_component(pipe, "vae_decoder", spec, tmp_path / "vae_decoder", tmp_path / "scratch",
-                                     ExportParams(external_data="always"), 0)
+        with atomic_path(tmp_path / "vae_decoder") as folder:  # as the export stage writes its folder
+            onnx_export.export_component(pipe, "vae_decoder", spec, folder, tmp_path / "scratch",
+                                         ExportParams(external_data="always"), 0)
     finally:
         os.umask(previous)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "vae_decoder").iterdir()}

@@ -290,3 +290,20 @@ def test_files_are_reproducible_and_metadata_is_text(tmp_path):
     with pytest.raises(TypeError, match="ss_network_dim"):
         kohya.save_kohya_lora(tensors, tmp_path / "c.safetensors", {"ss_network_dim": 8})
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_lokr_with_a_tucker_conv_factor_gives_the_kronecker_product():
+    """LyCORIS LoKr of a 3x3 conv with `use_tucker`: w2 is a Tucker product (a permuted view out of einsum), which
+    torch.kron could not reshape before it was made contiguous."""
+    torch.manual_seed(0)
+    parts = {
+        "lokr_w1": torch.randn(2, 2),
+        "lokr_t2": torch.randn(4, 4, 3, 3),
+        "lokr_w2_a": torch.randn(4, 8),
+        "lokr_w2_b": torch.randn(4, 6),
+    }
+    delta, rank = kohya.lokr_delta(parts)
+    w2 = torch.einsum("ijkl,ip,jr->prkl", parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"])
+    expected = torch.kron(parts["lokr_w1"][:, :, None, None], w2.contiguous())
+    assert rank == 4 and delta.shape == (16, 12, 3, 3)
+    torch.testing.assert_close(delta, expected)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from sdpipe.config import ParamsError, parse_params
 from sdpipe.config.train import LORA_PRESETS, LoraParams
 from sdpipe.errors import SdpipeError
 from sdpipe.formats import kohya
+from sdpipe.io import source_date_epoch
 from sdpipe.methods import lora
 from sdpipe.methods.lora import Lora
 from sdpipe.models.loading import model_fingerprint
@@ -110,11 +113,13 @@ def test_the_file_carries_kohya_and_modelspec_metadata(runs, tiny_sd_dir):
     assert metadata["ss_num_train_images"] == "6" and metadata["ss_mixed_precision"] == "no"
     frequency = {"a red sks shape": 2, "a blue sks shape": 2, "a green sks shape": 2}
     assert json.loads(metadata["ss_tag_frequency"]) == {"star": frequency}
-    assert float(metadata["ss_training_started_at"]) <= float(metadata["ss_training_finished_at"])
+    # never the wall clock: the same inputs give the same bytes (the last commit of the dataset, paths.datasets/star)
+    date = source_date_epoch([Path("datasets") / "star"])
+    assert metadata["ss_training_started_at"] == metadata["ss_training_finished_at"] == str(float(date))
     assert metadata["modelspec.sai_model_spec"] == "1.0.0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert metadata["modelspec.implementation"] == "diffusers"
-    assert metadata["modelspec.resolution"] == "32x32" and metadata["modelspec.date"].startswith("20")
+    assert metadata["modelspec.resolution"] == "32x32" and metadata["modelspec.date"] == datetime.datetime.fromtimestamp(date, datetime.UTC).isoformat()
     assert metadata["modelspec.title"] == f"lora of {tiny_sd_dir.name}"
 
 

@@ -4,6 +4,7 @@ against the truncated SVD, refusals, and the three recipes end to end on the tin
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -239,6 +240,103 @@ def test_resize_is_the_truncated_svd_of_each_update(tmp_path):
     resized, report = resize_lora(lora, LAYERS, rank=3, conv_rank=0, dtype=torch.float16, key="k")
     assert "lora_unet_b_conv1" not in report and len(report) == 3
     assert {tensor.dtype for tensor in resized.values()} == {torch.float16}
+
+
+# Layers big enough that every algorithm's factors are thinner than its update (the factored SVD is taken).
+FACTORED_LAYERS = {
+    "lora_unet_c_to_k": ModelLayer("model.diffusion_model.c.to_k.weight", (48, 40)),
+    "lora_unet_c_conv2": ModelLayer("model.diffusion_model.c.conv2.weight", (24, 8, 3, 3)),
+}
+
+
+def algorithm_parts(algorithm: str, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One layer's parts for each LoRA algorithm (LyCORIS shapes), rank 3 (LoHa: 3 and 2), a non-trivial alpha."""
+    out, inner, kernel = shape[0], shape[1], list(shape[2:])
+    flat_in = math.prod(shape[1:])
+    conv = [1] * len(kernel)
+    parts = {
+        "lora": {"lora_down.weight": (3, inner, *kernel), "lora_up.weight": (out, 3, *conv)},
+        "locon_tucker": {
+            "lora_down.weight": (3, inner, 1, 1), "lora_mid.weight": (3, 3, *kernel), "lora_up.weight": (out, 3, 1, 1)
+        },
+        "loha": {"hada_w1_a": (out, 3), "hada_w1_b": (3, flat_in), "hada_w2_a": (out, 2), "hada_w2_b": (2, flat_in)},
+        "loha_tucker": {
+            "hada_w1_a": (3, out), "hada_w1_b": (3, inner), "hada_t1": (3, 3, *kernel),
+            "hada_w2_a": (2, out), "hada_w2_b": (2, inner), "hada_t2": (2, 2, *kernel),
+        },
+        "lokr_full": {"lokr_w1": (4, 2), "lokr_w2": (out // 4, inner // 2, *kernel)},
+        "lokr_factored": {
+            "lokr_w1_a": (4, 1), "lokr_w1_b": (1, 2),
+            "lokr_w2_a": (out // 4, 3), "lokr_w2_b": (3, inner // 2 * math.prod(kernel)),
+        },
+        "lokr_tucker": {
+            "lokr_w1": (4, 2), "lokr_w2_a": (3, out // 4), "lokr_w2_b": (3, inner // 2), "lokr_t2": (3, 3, *kernel)
+        },
+    }[algorithm]
+    tensors = {part: torch.randn(*part_shape, generator=generator) for part, part_shape in parts.items()}
+    tensors["alpha"] = torch.tensor(-1.5 if algorithm.startswith("lokr") else 2.0)  # a negative scale too
+    return tensors
+
+
+def dense_update(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The layer's update as `kohya.delta_weights` makes it (LoKr-Tucker written out: `kohya.lokr_delta` hands
+    `torch.kron` the non-contiguous Tucker product, which it refuses)."""
+    parts = {key.removeprefix(f"{name}."): t for key, t in tensors.items() if key.startswith(f"{name}.")}
+    if "lokr_t2" in parts:
+        w2 = kohya.tucker(parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"]).contiguous()
+        return torch.kron(parts["lokr_w1"][:, :, None, None], w2) * parts["alpha"] / parts["lokr_w2_b"].shape[0]
+    return kohya.delta_weights({f"{name}.{part}": t for part, t in parts.items()})[name]
+
+
+ALGORITHMS = ["lora", "locon_tucker", "loha", "loha_tucker", "lokr_full", "lokr_factored", "lokr_tucker"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_resize_from_factors_is_the_dense_truncated_svd(tmp_path, monkeypatch, algorithm):
+    def dense_svd(*args):
+        raise AssertionError("the dense SVD was taken")
+
+    monkeypatch.setattr("sdpipe.merge.lora.low_rank", dense_svd)
+    generator = torch.Generator().manual_seed(ALGORITHMS.index(algorithm))
+    tensors = {}
+    for name, layer in FACTORED_LAYERS.items():
+        if algorithm.endswith("tucker") and len(layer.shape) == 2:
+            continue  # Tucker factors are for convs
+        tensors.update({f"{name}.{part}": t for part, t in algorithm_parts(algorithm, layer.shape, generator).items()})
+    lora = saved_lora(tensors, tmp_path / f"{algorithm}.safetensors", role="lora")
+    resized, report = resize_lora(lora, FACTORED_LAYERS, rank=2, conv_rank=2, dtype=torch.float32, key="k")
+    deltas = kohya.delta_weights(resized)
+    for name in kohya.group_by_layer(tensors):
+        shape = FACTORED_LAYERS[name].shape
+        dense = dense_update(tensors, name)
+        u, s, vh = torch.linalg.svd(dense.reshape(shape[0], -1).double(), full_matrices=False)
+        rank = 2  # every algorithm's update here has rank 3 or more
+        truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        assert s[rank] < 0.999 * s[rank - 1]  # a distinct cut: the truncated SVD is unique
+        assert resized[f"{name}.lora_down.weight"].shape == (rank, *shape[1:])
+        assert relative_error(deltas[name].reshape(shape[0], -1).double(), truncated) < 1e-5, name
+        kept = (s[:rank].square().sum() / s.square().sum()).sqrt().item()
+        assert report[name] == {"rank": rank, "retained": pytest.approx(kept, abs=1e-5)}
+
+
+def test_resize_keeps_the_rank_an_update_has(tmp_path):
+    """A LoHa of ranks 2 and 1 has an update of rank at most 2: resized to 4, it stays at 2 and exact."""
+    generator = torch.Generator().manual_seed(3)
+    shape = FACTORED_LAYERS["lora_unet_c_to_k"].shape
+    parts = {"hada_w1_a": (48, 2), "hada_w1_b": (2, 40), "hada_w2_a": (48, 1), "hada_w2_b": (1, 40)}
+    tensors = {f"lora_unet_c_to_k.{part}": torch.randn(*size, generator=generator) for part, size in parts.items()}
+    lora = saved_lora(tensors, tmp_path / "loha.safetensors", role="lora")
+    resized, report = resize_lora(lora, FACTORED_LAYERS, rank=4, conv_rank=4, dtype=torch.float32, key="k")
+    assert report["lora_unet_c_to_k"] == {"rank": 2, "retained": pytest.approx(1.0, abs=1e-6)}
+    dense = kohya.delta_weights(tensors)["lora_unet_c_to_k"]
+    assert relative_error(kohya.delta_weights(resized)["lora_unet_c_to_k"].reshape(shape), dense) < 1e-5
+
+
+def test_resize_refuses_factors_that_do_not_fit_the_layer(tmp_path):
+    tensors = random_lora({"lora_unet_c_to_k": (40, 48)}, rank=2, alpha=2.0, seed=12)  # transposed: same size
+    lora = saved_lora(tensors, tmp_path / "t.safetensors", "lora")
+    with pytest.raises(SdpipeError, match=r"'lora_unet_c_to_k' does not fit the model's \[48, 40\] weight"):
+        resize_lora(lora, FACTORED_LAYERS, rank=1, conv_rank=1, dtype=torch.float32, key="k")
 
 
 def test_resize_refuses_dora_and_layers_outside_the_architecture(tmp_path):

@@ -30,14 +30,24 @@ from sdpipe.training import (
     MODEL_DIR,
     SAMPLES_DIR,
     TrainingMethod,
+    checkpoints,
     run_training,
 )
-from sdpipe.training import checkpoints
 from sdpipe.training.checkpoints import list_checkpoints
 from sdpipe.training.data import Batch, Example, LatentBatches
 from sdpipe.training.diffusion import compute_snr, diffusion_loss, min_snr_weights, prediction_target
-from sdpipe.training.loop import batch_loss, diffusion_losses, load_models, method_datasets, timestep_range
-
+from sdpipe.training.loop import (
+    LOSS_WINDOW,
+    batch_loss,
+    diffusion_losses,
+    final_metrics,
+    load_data,
+    load_models,
+    method_datasets,
+    prepare_models,
+    prepare_optimization,
+    timestep_range,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
@@ -236,6 +246,64 @@ def test_method_datasets_must_be_prepared():
     assert method_datasets(["star", "outlined"], ["star"], "train.x") == ["star"]
     with pytest.raises(SdpipeError, match=r"train\.x\.datasets lists dogs"):
         method_datasets(["star"], ["dogs"], "train.x")
+
+
+# --- the phases of a run --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_the_data_phase_serves_micro_batches_of_all_processes_and_names_its_files(tmp_path, tiny_sd_dir, processes):
+    write_dataset(tmp_path, "star", count=6)
+    write_dataset(tmp_path, "outlined", count=2)
+    params = make_params(tmp_path, tiny_sd_dir, datasets=("star", "outlined"))
+    data = load_data(params, toy(), processes)
+    assert len(data.examples) == 8 and data.prior is None and data.class_batches is None
+    assert len(data.batches.batch(0).keys) == 2 * processes  # batch_size images on each process
+    assert sorted(path.name for path in data.input_files) == [
+        "outlined.jsonl", "outlined.safetensors", "star.jsonl", "star.safetensors"
+    ]
+
+
+def test_the_model_phase_freezes_all_but_what_the_method_trains(tmp_path, tiny_sd_dir):
+    write_dataset(tmp_path)
+    params = make_params(tmp_path, tiny_sd_dir)
+    method = toy()
+    models = prepare_models(params, method, load_data(params, method, 1), torch.device("cpu"), torch.float32)
+    trained = {name for name, parameter in models.unet.named_parameters() if parameter.requires_grad}
+    assert trained == {"conv_in.weight", "conv_in.bias"}
+    assert models.unet.training and not models.text_encoder.training
+    assert not any(parameter.requires_grad for parameter in models.text_encoder.parameters())
+
+    wrong = tmp_path / "wrong"
+    write_dataset(wrong, shape=(3, 8, 8))
+    wrong_params = make_params(wrong, tiny_sd_dir)
+    with pytest.raises(SdpipeError, match="the latents have 3 channels but the UNet of base.base_model takes 4"):
+        prepare_models(wrong_params, toy(), load_data(wrong_params, toy(), 1), torch.device("cpu"), torch.float32)
+
+
+class NothingTrained(ConvIn):
+    def trainable_parameters(self):
+        return []
+
+
+def test_the_optimization_phase_refuses_a_method_without_trainable_parameters(tmp_path, tiny_sd_dir):
+    from accelerate import Accelerator
+
+    write_dataset(tmp_path)
+    params = make_params(tmp_path, tiny_sd_dir)
+    method = NothingTrained(MethodParams(max_steps=2))
+    models = prepare_models(params, method, load_data(params, method, 1), torch.device("cpu"), torch.float32)
+    with pytest.raises(SdpipeError, match="train.toy: the method has no trainable parameters"):
+        prepare_optimization(params, method, models, Accelerator(cpu=True))
+
+
+def test_the_final_metrics_average_the_last_steps():
+    data = SimpleNamespace(examples=[None] * 6, prior=None)
+    losses = [100.0] * 10 + [float(step) for step in range(LOSS_WINDOW)]
+    assert final_metrics(losses, 60, data) == {"loss": (LOSS_WINDOW - 1) / 2, "steps": 60, "images": 6}
+    assert final_metrics([2.0, 4.0], 2, data)["loss"] == 3.0  # fewer steps than the window
+    with_prior = SimpleNamespace(examples=[None] * 6, prior=SimpleNamespace(examples=[None] * 4))
+    assert final_metrics([1.0], 1, with_prior)["class_images"] == 4
 
 
 # --- whole runs ------------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from sdpipe.config.section import Section
-from sdpipe.config.train import METHODS
 from sdpipe.merge.blocks import check_block_weights
+from sdpipe.methods.registry import METHODS, methods_writing
 
 RecipeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 BlockWeights = Annotated[float | list[float] | dict[str, float], AfterValidator(check_block_weights)]
@@ -61,7 +61,7 @@ def check_source(source: str) -> str:
 
 Source = Annotated[str, AfterValidator(check_source)]
 
-LORA_METHODS = ("lora",)
+LORA_METHODS = methods_writing("lora")
 """Training methods whose output is a LoRA file (`train:<method>` as a LoRA input)."""
 
 

@@ -2,30 +2,19 @@
 
 `train.common` holds what every method shares (batch size, optimizer, noise and loss options, checkpoints,
 samples); `train.<method>` holds one method's own settings, including its learning rate and step count, whose
-good values differ by orders of magnitude between methods.
+good values differ by orders of magnitude between methods. Which methods exist, and which params class below is
+whose, is declared once in `sdpipe.methods.registry`; `TrainParams` gets one field per method from it.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from sdpipe.config.caption import CaptionOps
 from sdpipe.config.section import Section
-
-METHODS = (
-    "finetune",
-    "textual_inversion",
-    "aesthetic_gradient",
-    "custom_diffusion",
-    "hypernetwork",
-    "null_text_inversion",
-    "clip_inversion",
-    "dreamartist",
-    "dreambooth",
-    "lora",
-)
+from sdpipe.methods.registry import METHODS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -39,7 +28,23 @@ class TrainCommon(Section):
 
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     """Micro-batches whose gradients add up to one optimizer step (effective batch: `batch_size` × this ×
-    the number of devices)."""
+    `processes`)."""
+
+    processes: int = Field(default=1, ge=1)
+    """Data-parallel training processes: one per GPU, or processes sharing the CPU cores (one torch thread each).
+    Above 1, the `train@<method>` stage launches itself under `accelerate launch --num_processes <this>`, so that
+    `dvc repro` and `dvc exp run` train with them. The processes split each micro-batch of
+    `processes` × `batch_size` images: the effective batch is `processes` × `batch_size` ×
+    `gradient_accumulation_steps`, and the run draws the same images, noise and timesteps as one process with that
+    batch (learning rates need no change). Over several machines: the processes of all of them (see
+    `accelerate_config`)."""
+
+    accelerate_config: str | None = None
+    """An accelerate config file (written by `accelerate config`; examples in `configs/accelerate/`) that the stage
+    launches its processes with: which GPUs (`gpu_ids`), several machines (`num_machines`, `machine_rank`,
+    `main_process_ip`, `main_process_port`). Given, the stage launches itself even with one process (to pick a GPU
+    with `gpu_ids`). `processes` overrides its `num_processes`, `base.precision` its `mixed_precision`. Null: the
+    processes run on one machine, on its GPUs or (with `base.device: cpu` or no CUDA) on its CPU."""
 
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant_with_warmup"  # type: ignore[valid-type]
     """How the learning rate changes over the steps (diffusers' `get_scheduler` names): `constant`,
@@ -741,43 +746,14 @@ class ClipInversionParams(MethodParams):
     model has no text input, so a prompt either names the concept or is refused."""
 
 
-class TrainParams(Section):
-    methods: list[Literal[METHODS]] = Field(default_factory=list)  # type: ignore[valid-type]
+class TrainSettings(Section):
+    """What the `train` section holds besides the methods' own subsections (`TrainParams` adds those)."""
+
+    methods: list[Literal[tuple(METHODS)]] = Field(default_factory=list)  # type: ignore[valid-type]
     """Methods to train, each as its own `train@<method>` stage writing `artifacts/train/<method>/`."""
 
     common: TrainCommon = Field(default_factory=TrainCommon)
     """Settings every method shares."""
-
-    textual_inversion: TextualInversionParams = Field(default_factory=TextualInversionParams)
-    """Textual inversion: new token embeddings (A1111 `.pt`/`.safetensors` and diffusers-loadable)."""
-
-    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
-    """Full fine-tuning of the UNet (optionally the text encoder), with EMA: diffusers folder + single file."""
-
-    dreambooth: DreamBoothParams = Field(default_factory=DreamBoothParams)
-    """DreamBooth with prior preservation: diffusers folder + single file."""
-
-    lora: LoraParams = Field(default_factory=LoraParams)
-    """LoRA / LoCon / DoRA / LoHa / LoKr adapters: a kohya/A1111 `.safetensors` LoRA (diffusers loads plain LoRA)."""
-
-    hypernetwork: HypernetworkParams = Field(default_factory=HypernetworkParams)
-    """A1111 hypernetwork: MLPs on the attention context (an A1111 `.pt`, which A1111 and ComfyUI load)."""
-
-    custom_diffusion: CustomDiffusionParams = Field(default_factory=CustomDiffusionParams)
-    """Custom Diffusion: cross-attention K/V and modifier tokens (diffusers `load_attn_procs` weights + embeddings)."""
-
-    aesthetic_gradient: AestheticGradientParams = Field(default_factory=AestheticGradientParams)
-    """Aesthetic gradients: a dataset's mean CLIP image embedding (A1111 `.pt`) that steers prompts when sampling."""
-
-    null_text_inversion: NullTextInversionParams = Field(default_factory=NullTextInversionParams)
-    """Null-text inversion: per image, its inverted noise and per-timestep null embeddings, for reconstruction and
-    prompt edits."""
-
-    dreamartist: DreamArtistParams = Field(default_factory=DreamArtistParams)
-    """DreamArtist: a positive and a negative embedding trained with guidance in the loss (two A1111 embeddings)."""
-
-    clip_inversion: ClipInversionParams = Field(default_factory=ClipInversionParams)
-    """CLIP inversion: a concept vector in CLIP image-embedding space for an image-variations model."""
 
     @field_validator("methods")
     @classmethod
@@ -785,3 +761,19 @@ class TrainParams(Section):
         if len(set(methods)) != len(methods):
             raise ValueError("a method is listed twice")
         return methods
+
+
+def method_field(method):
+    """The field `train.<name>` of a registered method: its params class (defined above, named by the registry)
+    with its defaults, documented by the method's summary."""
+    params_class = globals()[method.params]
+    return params_class, Field(default_factory=params_class, description=method.summary)
+
+
+TrainParams = create_model(
+    "TrainParams",
+    __base__=TrainSettings,
+    __module__=__name__,
+    __doc__="`train`: `methods`, `common`, and one subsection per method of the registry (`train.<method>`).",
+    **{name: method_field(method) for name, method in METHODS.items()},
+)

@@ -24,7 +24,6 @@ written.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,9 +276,6 @@ def save_onnx(model: onnx.ModelProto, path: Path, always_external: bool) -> None
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE
         )
-        # onnx creates the external data file with mode 0600, whatever the umask: give it model.onnx's mode (the
-        # umask's, like every other file of the export)
-        shutil.copymode(path, path.parent / EXTERNAL_DATA_FILE)
     else:
         onnx.save_model(model, str(path))
 

@@ -1,22 +1,22 @@
 """Which model `export.model` names, loaded as a PyTorch `StableDiffusionPipeline` ready to export.
 
 - `base`: `base.base_model` (a diffusers folder, a single-file checkpoint or a hub id).
-- `train:<method>`: the trained model the way the `evaluate` stage samples it, through the method module's
-  `sampling_pipeline(params, model_dir, device)` (a full-weights method's diffusers folder, the base with a
-  textual-inversion embedding, a LoRA, ...). LoRA-style adapters are fused into the weights before the export,
-  so the graphs hold plain layers.
+- `train:<method>`: the trained model the way the `evaluate` stage samples it, through the method's
+  `sampling_pipeline(params, model_dir, device)` (looked up in `sdpipe.methods.registry`): a full-weights method's
+  diffusers folder, the base with a textual-inversion embedding, a LoRA, ... LoRA-style adapters are fused into the
+  weights before the export, so the graphs hold plain layers.
 - `merge:<recipe>`: the merged model under `<paths.merge>/<recipe>/model/`.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 
 from sdpipe.config.merge import LORA_FILE_METHODS
 from sdpipe.errors import SdpipeError
+from sdpipe.methods.registry import METHODS
 from sdpipe.models.loading import load_pipeline
 
 KEY = "export.model"
@@ -45,20 +45,12 @@ def load_export_pipeline(params, model: str):
         if not folder.exists():
             raise SdpipeError(f"{KEY} is {model!r} but {folder} does not exist; run `dvc repro merge` first")
         return load_pipeline(str(folder), base.base_model_config, device=cpu, key=KEY)
-    try:
-        module = importlib.import_module(f"sdpipe.methods.{name}")
-    except ModuleNotFoundError:
-        raise SdpipeError(
-            f"{KEY} is {model!r} but there is no training method {name!r} (sdpipe/methods/{name}.py)"
-        ) from None
-    if not hasattr(module, "sampling_pipeline"):
-        raise SdpipeError(
-            f"{KEY} is {model!r} but sdpipe.methods.{name} has no sampling_pipeline to load its model with"
-        )
+    if name not in METHODS:
+        raise SdpipeError(f"{KEY} is {model!r} but there is no training method {name!r} (one of {', '.join(METHODS)})")
     model_dir = Path(params.paths.train) / name / "model"
     if not model_dir.is_dir():
         raise SdpipeError(f"{KEY} is {model!r} but {model_dir} does not exist; run `dvc repro train@{name}` first")
-    pipeline, _trigger = module.sampling_pipeline(params, model_dir, cpu)
+    pipeline, _trigger = METHODS[name].sampling_pipeline(params, model_dir, cpu)
     fuse_adapters(pipeline)
     return pipeline
 

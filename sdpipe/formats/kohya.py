@@ -272,7 +272,8 @@ def lokr_delta(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | None
 
 def tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
     """A conv weight [out, in, kh, kw] from a Tucker core [r, r, kh, kw] and factors [r, out], [r, in]."""
-    return torch.einsum("i j k l, i p, j r -> p r k l", core, out_factor, in_factor)
+    # contiguous: einsum may return a permuted view, which torch.kron (LoKr) cannot reshape
+    return torch.einsum("i j k l, i p, j r -> p r k l", core, out_factor, in_factor).contiguous()
 
 
 def dora_delta(delta: torch.Tensor, weight: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ the UNet and the CLIP text encoder, its kohya name, the original key of its weig
   one tensor at a time by `sdpipe.merge.recipe` like any merge; the LoRA files (small) are read whole.
 - `lora_extract` (`extract_lora`): for each layer whose weight differs between two models, the truncated SVD of
   the difference as kohya `lora_down` / `lora_up` with alpha = rank (scale 1), reading one layer at a time.
-- `lora_resize` (`resize_lora`): each layer's ΔW truncated to the new rank by SVD.
+- `lora_resize` (`resize_lora`): each layer's ΔW truncated to the new rank by SVD, the SVD taken from the
+  layer's low-rank factors (`layer_svd`) rather than from the dense ΔW.
 
 The truncated SVD is the best approximation of its rank (Eckart–Young), so extracting at rank r the difference
 that a rank-r LoRA made gives that LoRA's update back, up to float rounding.
@@ -19,6 +20,7 @@ that a rank-r LoRA made gives that LoRA's update back, up to float rounding.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,10 +208,18 @@ def low_rank(delta: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[dict[s
     flattened): `lora_down` [r, in(, kh, kw)], `lora_up` [out, r(, 1, 1)] and `alpha` = r, so the scale is 1, with
     r = min(rank, out, in·kh·kw); and the share of ‖delta‖ (Frobenius norm) that the approximation keeps."""
     u, s, vh = torch.linalg.svd(delta.float().flatten(1), full_matrices=False)
+    return svd_parts(u, s, vh, rank, tuple(delta.shape), dtype)
+
+
+def svd_parts(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], float]:
+    """`low_rank`'s parts and kept share from an SVD u·diag(s)·vh of a weight of `shape` flattened to
+    [out, in·kh·kw]; `s` sorted in descending order and holding every non-zero singular value."""
     rank = min(rank, s.numel())
     root = s[:rank].sqrt()  # the singular values split evenly between up and down: both stay well scaled in fp16
-    up = (u[:, :rank] * root).reshape(delta.shape[0], rank, *[1] * (delta.dim() - 2))
-    down = (root[:, None] * vh[:rank]).reshape(rank, *delta.shape[1:])
+    up = (u[:, :rank] * root).reshape(shape[0], rank, *[1] * (len(shape) - 2))
+    down = (root[:, None] * vh[:rank]).reshape(rank, *shape[1:])
     total = s.square().sum()
     retained = (s[:rank].square().sum() / total).sqrt().item() if total > 0 else 1.0
     parts = {
@@ -218,6 +228,92 @@ def low_rank(delta: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[dict[s
         "alpha": torch.tensor(float(rank), dtype=dtype),
     }
     return parts, retained
+
+
+# The SVD of a LoRA layer's update from its factors. A full SVD of a dense update costs O(out·n·min(out, n))
+# (n = in·kh·kw; seconds for SD's 1280×11520 convs); an update of rank k given as a product A·B ([out, k] @
+# [k, n]) has the SVD Qa·(U S Vh)·Qbᵀ, from QR decompositions A = Qa·Ra, Bᵀ = Qb·Rb and the SVD of the small
+# k×k core Ra·Rbᵀ = U S Vh, in O((out + n)·k²). LoRA/LoCon updates are such products; a LoHa update
+# (A1·B1) ∘ (A2·B2) is one of rank ≤ k1·k2, (A1 ⊙ A2)·(B1 ⊙ B2) with row-wise and column-wise Khatri–Rao
+# products; a LoKr update W1 ⊗ W2 has the SVD (U1 ⊗ U2)(S1 ⊗ S2)(V1 ⊗ V2)ᵀ of its small factors' SVDs.
+
+
+def product_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (u, s, vh; s descending) of a @ b, a [out, k] and b [k, n], through QR when k is the smaller."""
+    if a.shape[1] >= min(a.shape[0], b.shape[1]):  # no thinner than the product: its SVD is as cheap
+        return torch.linalg.svd(a @ b, full_matrices=False)
+    qa, ra = torch.linalg.qr(a)
+    qb, rb = torch.linalg.qr(b.T)
+    u, s, vh = torch.linalg.svd(ra @ rb.T)
+    return qa @ u, s, vh @ qb.T
+
+
+def kronecker_svd(
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of W1 ⊗ W2 from the SVDs of W1 and W2: every pair of singular vectors, sorted by s1·s2."""
+    (u1, s1, vh1), (u2, s2, vh2) = first, second
+    s, order = torch.sort(torch.outer(s1, s2).flatten(), descending=True)
+    i, j = order // s2.numel(), order % s2.numel()
+    u = (u1[:, i].unsqueeze(1) * u2[:, j].unsqueeze(0)).reshape(u1.shape[0] * u2.shape[0], -1)
+    vh = (vh1[i].unsqueeze(2) * vh2[j].unsqueeze(1)).reshape(-1, vh1.shape[1] * vh2.shape[1])
+    return u, s, vh
+
+
+def tucker_factors(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor):
+    """`kohya.tucker`'s conv weight (core [r, r, kh, kw], factors [r, out], [r, in]) flattened, as A @ B."""
+    return out_factor.T, torch.einsum("i j k l, j r -> i r k l", core, in_factor).flatten(1)
+
+
+def layer_svd(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The SVD of the update `kohya.layer_delta` makes of a LoRA/LoCon, LoHa or LoKr layer's parts (fp32),
+    flattened to [out, in·kh·kw], from its factors; None for parts of another kind (the caller goes dense)."""
+    if "lora_down.weight" in parts:
+        up, down = parts["lora_up.weight"].flatten(1), parts["lora_down.weight"]
+        rank = down.shape[0]
+        if "lora_mid.weight" in parts:  # Tucker: 1×1 down, kh×kw core, 1×1 up
+            a, b = up, torch.einsum("i j k l, j r -> i r k l", parts["lora_mid.weight"], down.flatten(1)).flatten(1)
+        else:
+            a, b = up, down.flatten(1)
+        return product_svd(a * layer_scale(parts, rank), b)
+    if "hada_w1_a" in parts:
+        if "hada_t1" in parts:
+            a1, b1 = tucker_factors(parts["hada_t1"], parts["hada_w1_a"], parts["hada_w1_b"])
+            a2, b2 = tucker_factors(parts["hada_t2"], parts["hada_w2_a"], parts["hada_w2_b"])
+        else:
+            a1, b1, a2, b2 = (parts[part].flatten(1) for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        a = (a1.unsqueeze(2) * a2.unsqueeze(1)).flatten(1)  # row p: a1[p] ⊗ a2[p]
+        b = (b1.unsqueeze(1) * b2.unsqueeze(0)).flatten(0, 1)  # column q: b1[:, q] ⊗ b2[:, q]
+        return product_svd(a * layer_scale(parts, parts["hada_w1_b"].shape[0]), b)
+    if "lokr_w1" in parts or "lokr_w1_a" in parts:
+        rank = None
+        if "lokr_w1" in parts:
+            w1 = parts["lokr_w1"]
+            if w1.dim() > 2 and w1.shape[2:].numel() > 1:
+                return None
+            first = torch.linalg.svd(w1.flatten(1), full_matrices=False)
+        else:
+            rank = parts["lokr_w1_b"].shape[0]
+            first = product_svd(parts["lokr_w1_a"], parts["lokr_w1_b"])
+        if "lokr_w2" in parts:
+            second = torch.linalg.svd(parts["lokr_w2"].flatten(1), full_matrices=False)
+        else:
+            rank = parts["lokr_w2_b"].shape[0]
+            if "lokr_t2" in parts:
+                second = product_svd(*tucker_factors(parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"]))
+            else:
+                second = product_svd(parts["lokr_w2_a"], parts["lokr_w2_b"].flatten(1))
+        scale = layer_scale(parts, rank)
+        u1, s1, vh1 = first
+        first = (u1 * (1.0 if scale >= 0 else -1.0), s1 * abs(scale), vh1)
+        return kronecker_svd(first, second)
+    return None
+
+
+def layer_scale(parts: dict[str, torch.Tensor], rank: int | None) -> float:
+    """alpha / rank, the factor `kohya.layer_delta` applies (1 without alpha or rank)."""
+    alpha = parts.get("alpha")
+    return alpha.item() / rank if alpha is not None and rank is not None else 1.0
 
 
 def add_layer(tensors: dict, report: dict, name: str, parts: dict[str, torch.Tensor], retained: float) -> None:
@@ -257,9 +353,10 @@ def resize_lora(
     lora: LoraFile, layers: dict[str, ModelLayer], *, rank: int, conv_rank: int, dtype: torch.dtype, key: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """`lora` at another rank: each layer's ΔW (shaped as `layers` says) truncated by SVD; its tensors, and per
-    layer its rank and the share of ΔW's norm it keeps. A LoRA layer keeps its rank when it is at most the new
-    one; spatial conv layers get `conv_rank` (0 leaves them out). DoRA layers are refused (their update depends
-    on the model's weights), and so is a layer that matches none of `layers`, before any work."""
+    layer its rank and the share of ΔW's norm it keeps. A layer keeps its rank when it is at most the new one (a
+    LoRA's rank, r1·r2 for LoHa); spatial conv layers get `conv_rank` (0 leaves them out). DoRA layers are
+    refused (their update depends on the model's weights), and so is a layer that matches none of `layers`,
+    before any work."""
     for name in sorted(lora.layers):
         if name not in layers:
             raise unknown_layer_error(lora, name, key, f"the architecture ({key}.config)")
@@ -275,11 +372,30 @@ def resize_lora(
         layer_rank = conv_rank if layer.is_spatial_conv else rank
         if layer_rank == 0:
             continue
-        parts = lora.layers[name]
-        if "lora_down.weight" in parts:
-            layer_rank = min(layer_rank, parts["lora_down.weight"].shape[0])
-        add_layer(tensors, report, name, *low_rank(lora.delta(name, layer.shape, key), layer_rank, dtype))
+        add_layer(tensors, report, name, *resize_layer(lora, name, layer.shape, layer_rank, dtype, key))
     return tensors, report
+
+
+def resize_layer(
+    lora: LoraFile, name: str, shape: tuple[int, ...], rank: int, dtype: torch.dtype, key: str
+) -> tuple[dict[str, torch.Tensor], float]:
+    """`low_rank` of one LoRA layer's update (`shape`: the model weight's), its SVD taken from the layer's factors
+    (`layer_svd`), so its rank is at most the update's own (a LoRA's rank; r1·r2 for LoHa)."""
+    parts = {part: tensor.float() for part, tensor in lora.layers[name].items()}
+    known = kohya.LORA_PARTS + kohya.LOHA_PARTS + kohya.LOKR_PARTS + kohya.COMMON_PARTS
+    try:
+        svd = layer_svd(parts) if set(parts) <= set(known) else None
+    except (RuntimeError, KeyError):  # parts that do not fit together: the dense update names the problem
+        svd = None
+    if svd is None:
+        return low_rank(lora.delta(name, shape, key), rank, dtype)
+    u, s, vh = svd
+    if u.shape[0] != shape[0] or vh.shape[1] != math.prod(shape[1:]):
+        raise SdpipeError(
+            f"{lora.where(key)}: LoRA layer {name!r} does not fit the model's {list(shape)} weight (its update is "
+            f"[{u.shape[0]}, {vh.shape[1]}] flattened)"
+        )
+    return svd_parts(u, s, vh, rank, shape, dtype)
 
 
 def lora_metadata(recipe, report: dict[str, dict], layers: dict[str, ModelLayer], base: dict[str, str]) -> dict:

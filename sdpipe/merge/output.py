@@ -1,4 +1,4 @@
-"""Writing merged weights one tensor at a time: a streaming safetensors writer, and the diffusers folder.
+"""Writing merged weights one tensor at a time (`sdpipe.io.SafetensorsWriter`), and the diffusers folder.
 
 The merged model is written first as an original-layout single file, tensor by tensor as the merge computes
 them. The diffusers folder is then written from that file, again tensor by tensor: each diffusers model's keys
@@ -12,81 +12,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdpipe.errors import SdpipeError
+from sdpipe.io import DTYPES_BY_NAME, SafetensorsWriter
 from sdpipe.merge.sources import COMPONENTS, SKIPPED_SUFFIXES, Checkpoint, original_keys
-
-DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-
-Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
-
-
-class SafetensorsWriter:
-    """Writes a `.safetensors` file one tensor at a time, so that a whole model is never in memory.
-
-    The header (each key's dtype, shape and byte offsets, key-sorted as `sdpipe.io.save_safetensors` writes it)
-    comes first in the file, so the layout is given up front; the tensors are then written in sorted key order
-    (`order`). Use as a context manager; writing fewer tensors than the layout is an error.
-    """
-
-    def __init__(self, path: Path, layout: Layout, metadata: dict[str, str] | None = None):
-        if sys.byteorder != "little":
-            raise SdpipeError("writing .safetensors files needs a little-endian machine")
-        self.layout = layout
-        self.order = sorted(layout)
-        header: dict[str, object] = {}
-        offset = 0
-        for key in self.order:
-            shape, dtype = layout[key]
-            size = math.prod(shape) * dtype.itemsize
-            header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        if metadata:
-            header["__metadata__"] = metadata
-        encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)  # the tensor data stays 8-byte aligned
-        self.file = open(path, "wb")  # noqa: SIM115 (closed by close())
-        self.file.write(len(encoded).to_bytes(8, "little") + encoded)
-        self.written = 0
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        expected = self.order[self.written] if self.written < len(self.order) else None
-        if key != expected:
-            raise ValueError(f"tensor {key!r} written out of order; the next one is {expected!r}")
-        shape, dtype = self.layout[key]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}; the header says {shape} {dtype}")
-        self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self.written += 1
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        self.close()
-        if exc_type is None and self.written != len(self.order):
-            raise ValueError(f"{len(self.order) - self.written} tensors of the header were never written")
-
+from sdpipe.models.saving import transformers4_text_key
 
 # --- diffusers folder ----------------------------------------------------------------------------------
 
@@ -135,9 +69,17 @@ def diffusers_layout(config_folder: Path, key: str) -> dict[str, ComponentLayout
             to_diffusers = original_keys(component, list(shapes), models["unet"].config)
         except SdpipeError as error:
             raise SdpipeError(f"{key} {config_folder}: {error}") from None
-        tensors = {name: (prefix + original, shapes[name]) for original, name in to_diffusers.items()}
+        tensors = {
+            file_key(component, name): (prefix + original, shapes[name]) for original, name in to_diffusers.items()
+        }
         layout[component] = ComponentLayout(f"{component}/{stem}.safetensors", tensors)
     return layout
+
+
+def file_key(component: str, name: str) -> str:
+    """A model's state-dict key as its diffusers-folder file holds it: the text encoder's in transformers 4's layout
+    (`sdpipe.models.saving`), which both transformers majors read."""
+    return transformers4_text_key(name) if component == "text_encoder" else name
 
 
 def check_fits(layout: dict[str, ComponentLayout], shapes: dict[str, tuple[int, ...]], config_folder: Path, key: str):

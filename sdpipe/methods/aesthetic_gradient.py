@@ -24,23 +24,17 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from safetensors import safe_open
 
 from sdpipe.encode import dataset_images
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, save_safetensors, write_json
+from sdpipe.models.clip_image import ClipImageEncoder
 from sdpipe.models.loading import load_pipeline, resolve_device
-from sdpipe.training.loop import method_datasets
-
-try:  # transformers 5: the PIL image processor, which needs no torchvision
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-except ImportError:
-    from transformers import CLIPImageProcessor
+from sdpipe.training.datasets import method_datasets
 
 KEY = "train.aesthetic_gradient"
 SAFETENSORS_KEY = "aesthetic_embedding"
-IMAGE_BATCH = 64
 
 
 def train(params, out_dir: Path) -> dict:
@@ -51,7 +45,7 @@ def train(params, out_dir: Path) -> dict:
     datasets = method_datasets(params.base.datasets, settings.datasets, KEY)
     images = [image for name in datasets for image in dataset_images(Path(params.paths.prepared) / name)]
 
-    encoder = ClipImageEncoder.load(settings.clip_model, params.base.base_model, device)
+    encoder = ClipImageEncoder.load(settings.clip_model, params.base.base_model, device, key=f"{KEY}.clip_model")
     features = encoder.features(images)
     embedding = aesthetic_embedding(features)
     name = embedding_name(settings, datasets)
@@ -108,54 +102,6 @@ def load_embedding(path: Path) -> torch.Tensor:
         if not isinstance(embedding, torch.Tensor):
             raise SdpipeError(f"{path}: expected a tensor [1, dim] (A1111 aesthetic embedding)")
     return torch.nn.functional.normalize(embedding.float().reshape(1, -1), dim=-1)
-
-
-class ClipImageEncoder:
-    """CLIP image embeddings (after the visual projection, not normalized), as `get_image_features` gives them."""
-
-    def __init__(self, model, processor, device: torch.device):
-        self.model, self.processor, self.device = model.to(device).eval(), processor, device
-
-    @classmethod
-    def load(cls, clip_model: str | None, base_model: str, device: torch.device) -> ClipImageEncoder:
-        from transformers import CLIPModel
-
-        if clip_model:
-            folder = Path(clip_model)
-            if not (folder / "config.json").is_file():
-                raise SdpipeError(f"{KEY}.clip_model: {folder} is not a CLIP model folder (config.json + weights)")
-            return cls(CLIPModel.from_pretrained(folder, use_safetensors=True), CLIPImageProcessor.from_pretrained(folder), device)
-        base = Path(base_model)
-        if not (base / "clip" / "config.json").is_file() or not (base / "feature_extractor").is_dir():
-            raise SdpipeError(
-                f"{KEY}.clip_model is null but base.base_model {base_model!r} has no clip/ and feature_extractor/ "
-                "beside it; set clip_model to the CLIP model of its text encoder"
-            )
-        model = CLIPModel.from_pretrained(base / "clip", use_safetensors=True)
-        return cls(model, CLIPImageProcessor.from_pretrained(base / "feature_extractor"), device)
-
-    @classmethod
-    def from_pipeline_folder(cls, folder: str | Path, device: torch.device) -> ClipImageEncoder:
-        """The `image_encoder/` and `feature_extractor/` of a diffusers pipeline folder."""
-        from transformers import CLIPVisionModelWithProjection
-
-        model = CLIPVisionModelWithProjection.from_pretrained(Path(folder) / "image_encoder", use_safetensors=True)
-        return cls(model, CLIPImageProcessor.from_pretrained(Path(folder) / "feature_extractor"), device)
-
-    @torch.no_grad()
-    def features(self, images: list[Image.Image]) -> torch.Tensor:
-        """[N, dim] fp32 on the CPU."""
-        features = []
-        for start in range(0, len(images), IMAGE_BATCH):
-            pixels = self.processor(images=images[start : start + IMAGE_BATCH], return_tensors="pt").pixel_values
-            pixels = pixels.to(self.device)
-            if hasattr(self.model, "get_image_features"):
-                output = self.model.get_image_features(pixel_values=pixels)
-                output = getattr(output, "pooler_output", output)  # transformers 5 returns an output object
-            else:
-                output = self.model(pixel_values=pixels).image_embeds
-            features.append(output.float().cpu())
-        return torch.cat(features)
 
 
 def load_text_projection(clip_model: str | None, base_model: str) -> torch.nn.Linear:

@@ -28,12 +28,12 @@ from safetensors import safe_open
 from sdpipe.encode import dataset_images
 from sdpipe.errors import SdpipeError
 from sdpipe.io import save_safetensors
-from sdpipe.methods.aesthetic_gradient import ClipImageEncoder
+from sdpipe.models.clip_image import ClipImageEncoder
 from sdpipe.models.loading import resolve_device
 from sdpipe.tinyworld import oracle
 from sdpipe.tinyworld.scoring import sample
 from sdpipe.training import Models, TrainingMethod, run_training
-from sdpipe.training.loop import method_datasets
+from sdpipe.training.datasets import method_datasets
 
 KEY = "train.clip_inversion"
 EMBEDDING_FILE = "clip_embedding.safetensors"

@@ -32,11 +32,11 @@ from sdpipe.config.train import CustomDiffusionParams
 from sdpipe.data.captions import load_captions
 from sdpipe.errors import SdpipeError
 from sdpipe.io import save_safetensors
-from sdpipe.methods.textual_inversion import TokenRowsTraining, add_tokens, replace_trigger
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, TrainingMethod, run_training
 from sdpipe.training.data import PriorPreservation
-from sdpipe.training.loop import method_datasets
+from sdpipe.training.datasets import method_datasets
+from sdpipe.training.tokens import TokenRowsTraining, add_tokens, replace_trigger
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 KEY = "train.custom_diffusion"

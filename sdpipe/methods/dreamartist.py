@@ -1,7 +1,7 @@
 """DreamArtist (Dong et al. 2022): a positive and a negative embedding, trained together with guidance in the loss.
 
-Textual inversion (`sdpipe.methods.textual_inversion`) with a second, negative token, as A1111's DreamArtist
-extension trains it:
+Textual inversion (the training core's `PlaceholderTokenTraining`, `sdpipe.training.tokens`) with a second,
+negative token, as A1111's DreamArtist extension trains it:
 
 1. `setup` adds the positive tokens `<sks>` (`<sks>_1`, … for several vectors) and the negative ones `<sks>-neg`
    (`<sks>-neg_1`, …); the negative rows start from their initializer word plus a little noise, so that the two
@@ -29,11 +29,12 @@ from diffusers import StableDiffusionPipeline
 
 from sdpipe.config.train import DreamArtistParams
 from sdpipe.errors import SdpipeError
+from sdpipe.formats.a1111 import checkpoint_hash
 from sdpipe.formats.embeddings import Embedding, file_stem, save_safetensors_embedding
-from sdpipe.methods.textual_inversion import TextualInversion, checkpoint_hash
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, run_training
 from sdpipe.training.rng import torch_generator
+from sdpipe.training.tokens import PlaceholderTokenTraining
 
 NEGATIVE_SUFFIX = "-neg"
 NEGATIVE_INIT_NOISE = 1e-3  # the reference's: the negative vectors start at the initializer word plus this much noise
@@ -89,7 +90,7 @@ class DreamArtistPipeline(StableDiffusionPipeline):
         return negative if negative != prompt else ""
 
 
-class DreamArtist(TextualInversion):
+class DreamArtist(PlaceholderTokenTraining):
     """Trains a positive and a negative embedding (new rows of the token-embedding matrix); the models stay frozen."""
 
     name = "dreamartist"
@@ -102,7 +103,7 @@ class DreamArtist(TextualInversion):
         negative = negative_token(params.placeholder_token)
         self.negative_tokens = [negative] + [f"{negative}_{i}" for i in range(1, params.negative_num_vectors)]
         self.negative_text = " ".join(self.negative_tokens)
-        self.tokens = self.positive_tokens + self.negative_tokens  # what `TextualInversion.setup` adds
+        self.tokens = self.positive_tokens + self.negative_tokens  # what `PlaceholderTokenTraining.setup` adds
         self.negative_rows_before_step: torch.Tensor | None = None
 
     def setup(self, models: Models) -> None:

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import HypernetworkParams
 from sdpipe.errors import SdpipeError
+from sdpipe.formats.a1111 import checkpoint_hash
 from sdpipe.formats.pickled import load_pickled
-from sdpipe.methods.textual_inversion import checkpoint_hash
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, TrainingMethod, run_training
 

@@ -36,9 +36,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,11 +48,11 @@ from sdpipe.data.captions import load_captions, split_tags
 from sdpipe.errors import SdpipeError
 from sdpipe.formats.diffusers_lora import with_text_model_keys
 from sdpipe.formats.kohya import load_kohya_lora, merge_lora, peft_to_kohya, save_kohya_lora
-from sdpipe.io import save_safetensors
+from sdpipe.io import save_safetensors, source_date_epoch
 from sdpipe.models.loading import load_pipeline, model_fingerprint, resolve_device, resolve_dtype
 from sdpipe.training import Models, TrainingMethod, run_training
 from sdpipe.training.data import PriorPreservation
-from sdpipe.training.loop import method_datasets
+from sdpipe.training.datasets import method_datasets
 
 KEY = "train.lora"
 
@@ -80,7 +78,8 @@ def train(params, out_dir: Path) -> dict:
     datasets = method_datasets(params.base.datasets, lora.datasets, KEY)
     prior = shared_prior_preservation(params, lora.prior_loss_weight, datasets, KEY)
     metadata = run_metadata(params, datasets, prior)
-    method = Lora(lora, base_model=params.base.base_model, run_metadata=metadata, prior=prior)
+    training_date = source_date_epoch([Path(params.paths.datasets) / name for name in datasets])
+    method = Lora(lora, params.base.base_model, run_metadata=metadata, prior=prior, training_date=training_date)
     return run_training(params, method, out_dir)
 
 
@@ -114,9 +113,11 @@ class Lora(TrainingMethod):
         base_model: str,
         run_metadata: dict[str, str] | None = None,
         prior: PriorPreservation | None = None,
+        training_date: int = 0,
     ):
         super().__init__(params)
         self.base_model = base_model
+        self.training_date = training_date  # seconds since the epoch (`sdpipe.io.source_date_epoch`)
         self.prior = prior
         self.run_metadata = dict(run_metadata or {})
         self.trained_models = ("unet", "text_encoder") if params.train_text_encoder else ("unet",)
@@ -126,7 +127,6 @@ class Lora(TrainingMethod):
         """Injects the adapters; peft leaves only their weights trainable."""
         from peft import inject_adapter_in_model
 
-        self.started_at = timestamp()
         params = self.params
         self.configs["unet"] = adapter_config(params, unet_layers(models.unet, params))
         inject_adapter_in_model(self.configs["unet"], models.unet)
@@ -163,7 +163,6 @@ class Lora(TrainingMethod):
         params = self.params
         v2 = models.text_encoder.config.hidden_size == 1024  # SD 2's OpenCLIP ViT-H; SD 1's CLIP ViT-L is 768
         v_prediction = models.noise_scheduler.config.prediction_type == "v_prediction"
-        finished_at = timestamp()
         metadata = {
             **self.run_metadata,
             "ss_output_name": Path(LORA_FILE).stem,
@@ -183,8 +182,8 @@ class Lora(TrainingMethod):
             "ss_v_parameterization": str(v_prediction),
             "ss_sd_model_name": Path(self.base_model).name,
             "ss_sd_model_hash": base_model_hash(self.base_model),
-            "ss_training_started_at": str(self.started_at),
-            "ss_training_finished_at": str(finished_at),
+            "ss_training_started_at": str(float(self.training_date)),  # deterministic: the bytes depend on inputs
+            "ss_training_finished_at": str(float(self.training_date)),
         }
         architecture = "stable-diffusion-v1"
         if v2:
@@ -195,7 +194,7 @@ class Lora(TrainingMethod):
                 "modelspec.architecture": f"{architecture}/lora",
                 "modelspec.implementation": "diffusers",
                 "modelspec.title": f"{params.algorithm} of {Path(self.base_model).name}",
-                "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at), datetime.UTC).isoformat(),
+                "modelspec.date": datetime.datetime.fromtimestamp(self.training_date, datetime.UTC).isoformat(),
                 "modelspec.prediction_type": "v" if v_prediction else "epsilon",
             }
         )
@@ -215,7 +214,7 @@ class Lora(TrainingMethod):
         # Written again with a sorted header (diffusers' file bytes change from one process to the next), and
         # `text_encoder.text_model.…` keys, which ComfyUI and older diffusers need (`with_text_model`).
         tensors, metadata = load_kohya_lora(folder / DIFFUSERS_FILE)
-        # As a new file: safetensors (0.8) creates its files with mode 0600, which rewriting in place would keep.
+        # As a new file: the streaming writer must not overwrite a file whose tensors may still be memory-mapped.
         (folder / DIFFUSERS_FILE).unlink()
         save_safetensors(with_text_model_keys(tensors), folder / DIFFUSERS_FILE, metadata)
 
@@ -375,12 +374,6 @@ def adapter_metadata(config) -> dict:
         if isinstance(value, (set, frozenset)) or (key == "target_modules" and isinstance(value, list)):
             metadata[key] = sorted(value)
     return metadata
-
-
-def timestamp() -> float:
-    """Now, in seconds since the epoch; `SOURCE_DATE_EPOCH` when set (reproducible builds: the same file bytes)."""
-    fixed = os.environ.get("SOURCE_DATE_EPOCH")
-    return float(fixed) if fixed else round(time.time(), 3)
 
 
 def base_model_hash(base_model: str) -> str:

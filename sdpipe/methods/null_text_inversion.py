@@ -39,7 +39,7 @@ from sdpipe.io import atomic_path, read_jsonl, save_safetensors, write_json
 from sdpipe.models.loading import load_pipeline, resolve_device, resolve_dtype
 from sdpipe.progress import log, track
 from sdpipe.tinyworld.scoring import image_grid
-from sdpipe.training.loop import method_datasets
+from sdpipe.training.datasets import method_datasets
 
 KEY = "train.null_text_inversion"
 EARLY_STOP_SLOPE = 2e-5  # the paper's tolerance grows by this much per timestep

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sdpipe.errors import SdpipeError
-from sdpipe.io import atomic_path, save_safetensors
+from sdpipe.io import SafetensorsWriter, atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -251,15 +251,17 @@ def save_single_file(
         unet, vae, text_encoder = load_folder_models(Path(pipeline_or_folder))
     else:
         unet, vae, text_encoder = pipeline_or_folder.unet, pipeline_or_folder.vae, pipeline_or_folder.text_encoder
+    # The models' own tensors under original keys (no copies); each is cast and written one at a time, so the
+    # write needs one tensor's memory beyond the models.
     state_dict = pipeline_to_original(unet, vae, text_encoder)
-    tensors = {}
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        if cast_to is not None and tensor.is_floating_point():
-            tensor = tensor.to(cast_to)
-        tensors[key] = tensor.contiguous()
+    layout = {
+        key: (tuple(tensor.shape), cast_to if cast_to is not None and tensor.is_floating_point() else tensor.dtype)
+        for key, tensor in state_dict.items()
+    }
     with atomic_path(path) as tmp:
-        save_safetensors(tensors, tmp, metadata)
+        with SafetensorsWriter(tmp, layout, metadata) as writer:
+            for key in writer.order:
+                writer.write(key, state_dict[key].detach().to(device="cpu", dtype=layout[key][1]))
     return path
 
 

@@ -1,4 +1,5 @@
-"""The training loop every method shares, in the spirit of diffusers' training examples (one linear function).
+"""The training loop every method shares, in the spirit of diffusers' training examples: `run_training` calls its
+phases in order (accelerator, data, models, optimization, resume, train, save), each a function below it.
 
 `run_training(params, method, out_dir)` trains `method` (a `TrainingMethod`) on the cached latents and captions
 of its datasets and writes, under `out_dir`:
@@ -14,6 +15,9 @@ of its datasets and writes, under `out_dir`:
 On the CPU the same params and seed give bitwise-identical files, and a resumed run ends with exactly the
 weights of an uninterrupted one: every random draw is a function of the seed and the step
 (`sdpipe.training.rng`), and the checkpoint holds the rest of the state.
+
+Under `accelerate launch` (`train.common.processes`), the processes split each micro-batch
+(`sdpipe.training.processes`): N processes draw what one process with an N times larger batch draws.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,11 +55,13 @@ from sdpipe.training.checkpoints import (
     run_fingerprint,
     save_checkpoint,
 )
-from sdpipe.training.data import Batch, LatentBatches, load_examples
+from sdpipe.training.data import Batch, Example, LatentBatches, PriorPreservation, load_examples
+from sdpipe.training.datasets import method_datasets
 from sdpipe.training.diffusion import diffusion_loss, prediction_target, sample_noise, sample_timesteps
 from sdpipe.training.ema import Ema
 from sdpipe.training.method import Models, TrainingMethod
 from sdpipe.training.optim import make_lr_scheduler, make_optimizer
+from sdpipe.training.processes import ONE_PROCESS, ProcessShare
 from sdpipe.training.rng import derived_seed, python_rng, torch_generator
 from sdpipe.training.samples import sample_images, save_grid
 
@@ -68,16 +75,87 @@ MIXED_PRECISION = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "
 
 
 def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
-    """Trains `method` under `params` (the whole `Params`), writes its outputs under `out_dir`; returns the metrics."""
+    """Trains `method` under `params` (the whole `Params`), writes its outputs under `out_dir`; returns the metrics.
+
+    The run's phases follow in this file in the order they run.
+    """
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    accelerator, weight_dtype = make_accelerator(params)
+    data = load_data(params, method, accelerator.num_processes)
+    models = prepare_models(params, method, data, accelerator.device, weight_dtype)
+    optimization = prepare_optimization(params, method, models, accelerator)
+    progress = resume(params, method, data, accelerator, out_dir)
+    run = TrainingRun(params, method, out_dir, accelerator, weight_dtype, data, models, optimization, progress)
+    train(run)
+    metrics = save_outputs(run, started)
+    accelerator.end_training()
+    return metrics
+
+
+@dataclass
+class TrainingData:
+    """What a run trains on: the method's examples (and class images) as seeded streams of micro-batches."""
+
+    examples: list[Example]
+    batches: LatentBatches
+    """The micro-batches of all processes together (`batch_size` × processes images), split by `ProcessShare`."""
+    prior: PriorPreservation | None
+    """Class images trained beside the method's own (DreamBooth's prior preservation), if any."""
+    class_batches: LatentBatches | None
+    latents_dir: Path
+    input_files: list[Path]
+    """The files the examples were read from (a change to them makes checkpoints stale)."""
+
+
+@dataclass
+class Optimization:
+    """What changes the trained weights: their parameters, the optimizer, the schedule and the moving average."""
+
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    trained_modules: list[torch.nn.Module]
+    """The trained models, as accelerate wrapped them."""
+    ema: Ema | None
+
+
+@dataclass
+class Progress:
+    """Where a run starts (0, or the step of the checkpoint it resumed) and where it saves its checkpoints."""
+
+    start_step: int
+    losses: list[float]
+    """The loss of every optimizer step so far; the training appends to it."""
+    checkpoints_dir: Path
+    fingerprint: str
+    """The hash of what determines the result (`run_fingerprint`): only checkpoints with it are resumed."""
+    history: dict[str, Path]
+    """The output folders a checkpoint carries (DVCLive metrics, samples)."""
+
+
+@dataclass
+class TrainingRun:
+    """Everything the training and saving phases share, as the phases before them set it up."""
+
+    params: object
+    method: TrainingMethod
+    out_dir: Path
+    accelerator: object
+    weight_dtype: torch.dtype
+    data: TrainingData
+    models: Models
+    optimization: Optimization
+    progress: Progress
+
+
+def make_accelerator(params) -> tuple[object, torch.dtype]:
+    """The accelerator (device, mixed precision, gradient accumulation, and the processes under `accelerate launch`)
+    and the dtype of the frozen weights; seeds the global RNGs."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    out_dir = Path(out_dir)
-    common, method_params, key = params.train.common, method.params, method.params_key
-    seed, max_steps = params.base.seed, method_params.max_steps
-    started = time.monotonic()
-
-    # 1. The accelerator: device, mixed precision, gradient accumulation (and processes under `accelerate launch`).
+    common = params.train.common
     device = resolve_device(params.base.device)
     weight_dtype = resolve_dtype(params.base.precision, device)
     if device.type == "cuda" and device.index is not None:
@@ -87,28 +165,45 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
         gradient_accumulation_steps=common.gradient_accumulation_steps,
         cpu=device.type == "cpu",
     )
-    device = accelerator.device
-    set_seed(seed)  # the global RNGs: only dropout-like layers draw from them
+    if accelerator.num_processes != common.processes:
+        raise SdpipeError(
+            f"train.common.processes is {common.processes}, but this run has {accelerator.num_processes} "
+            "process(es): set train.common.processes to the number of processes and run the stage without "
+            "`accelerate launch` (it launches itself, and dvc.lock then records how it ran)"
+        )
+    set_seed(params.base.seed)  # the global RNGs: only dropout-like layers draw from them
+    return accelerator, weight_dtype
 
-    # 2. The data: cached latents and captions of the method's datasets.
-    datasets = method_datasets(params.base.datasets, method_params.datasets, key)
+
+def load_data(params, method: TrainingMethod, processes: int) -> TrainingData:
+    """The cached latents and captions of the method's datasets (and its class images), as micro-batch streams."""
+    common, key = params.train.common, method.params_key
+    datasets = method_datasets(params.base.datasets, method.params.datasets, key)
     latents_dir, captions_dir = Path(params.paths.latents), Path(params.paths.captions)
     examples = load_examples(latents_dir, captions_dir, datasets, params.base.base_model)
-    batches = LatentBatches(examples, common.batch_size, seed, common.flip)
+    micro_batch_size = common.batch_size * processes
+    batches = LatentBatches(examples, micro_batch_size, params.base.seed, common.flip)
     input_files = [latents_dir / f"{name}.safetensors" for name in datasets]
     input_files += [captions_dir / f"{name}.jsonl" for name in datasets]
-    prior = method.prior_preservation()  # class images beside the method's own (DreamBooth)
+    prior = method.prior_preservation()
     class_batches = None
     if prior is not None:
-        class_seed = derived_seed(seed, "class images")
-        class_batches = LatentBatches(prior.examples, common.batch_size, class_seed, common.flip)
+        class_seed = derived_seed(params.base.seed, "class images")
+        class_batches = LatentBatches(prior.examples, micro_batch_size, class_seed, common.flip)
         input_files += prior.files
+    return TrainingData(examples, batches, prior, class_batches, latents_dir, input_files)
 
-    # 3. The models: all frozen, then the method changes them and unfreezes what it trains.
+
+def prepare_models(
+    params, method: TrainingMethod, data: TrainingData, device: torch.device, weight_dtype: torch.dtype
+) -> Models:
+    """The base model's parts, all frozen; then the method changes them and unfreezes what it trains. The frozen
+    ones go to the device in the compute precision."""
+    common = params.train.common
     models = load_models(params.base, device)
-    check_latents_fit(examples[0], models.unet, latents_dir)
-    if prior is not None:
-        check_latents_fit(prior.examples[0], models.unet, prior.files[0].parent)
+    check_latents_fit(data.examples[0], models.unet, data.latents_dir)
+    if data.prior is not None:
+        check_latents_fit(data.prior.examples[0], models.unet, data.prior.files[0].parent)
     timestep_range(common, models.noise_scheduler)  # checked before any work
     method.setup(models)
     for name in ("unet", "text_encoder"):
@@ -127,14 +222,19 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
         models.unet.to(memory_format=torch.channels_last)
     if common.compile:
         models.unet.compile()  # in place: the module, its state dict and its saved files stay as they were
+    return models
 
-    # 4. Optimizer and schedule; accelerate wraps the trained models (mixed precision, DDP) and the optimizer.
+
+def prepare_optimization(params, method: TrainingMethod, models: Models, accelerator) -> Optimization:
+    """The optimizer and schedule of the method's parameters, and their moving average; accelerate wraps the trained
+    models (mixed precision, DDP) and the optimizer, and checkpoints the schedule and the average with them."""
+    common, method_params = params.train.common, method.params
     parameter_groups = method.parameter_groups()
     parameters = [parameter for group in parameter_groups for parameter in group["params"]]
     if not parameters:
-        raise SdpipeError(f"{key}: the method has no trainable parameters")
-    optimizer = make_optimizer(parameter_groups, method_params.learning_rate, common, device)
-    lr_scheduler = make_lr_scheduler(optimizer, common, max_steps)
+        raise SdpipeError(f"{method.params_key}: the method has no trainable parameters")
+    optimizer = make_optimizer(parameter_groups, method_params.learning_rate, common, accelerator.device)
+    lr_scheduler = make_lr_scheduler(optimizer, common, method_params.max_steps)
     prepared = accelerator.prepare(*[getattr(models, name) for name in method.trained_models], optimizer)
     for name, module in zip(method.trained_models, prepared[:-1]):
         setattr(models, name, module)
@@ -144,111 +244,170 @@ def run_training(params, method: TrainingMethod, out_dir: Path) -> dict:
     ema = Ema(parameters, method.ema_decay) if method.ema_decay is not None else None
     if ema is not None:
         checkpoint_ema(accelerator, ema)
+    return Optimization(parameters, optimizer, lr_scheduler, trained_modules, ema)
 
-    # 5. Resume from the latest checkpoint made with the same params and data.
+
+def resume(params, method: TrainingMethod, data: TrainingData, accelerator, out_dir: Path) -> Progress:
+    """Loads the latest checkpoint made with the same params, data and code, if there is one, and deletes the others
+    (all of them when `train.common.resume` is off)."""
     checkpoints_dir = out_dir / CHECKPOINTS_DIR
     if params.paths.checkpoints:
         checkpoints_dir = Path(params.paths.checkpoints) / method.name
-    fingerprint = run_fingerprint(method.name, method_params, params, input_files)
-    start_step, losses = 0, []
+    fingerprint = run_fingerprint(method.name, method.params, params, data.input_files)
     history = {LIVE_DIR: out_dir / LIVE_DIR, SAMPLES_DIR: out_dir / SAMPLES_DIR}  # what a checkpoint carries
+    progress = Progress(0, [], checkpoints_dir, fingerprint, history)
     if accelerator.is_main_process:
-        remove_stale_checkpoints(checkpoints_dir, fingerprint if common.resume else None)
+        remove_stale_checkpoints(checkpoints_dir, fingerprint if params.train.common.resume else None)
     accelerator.wait_for_everyone()
     resumable = latest_checkpoint(checkpoints_dir, fingerprint)
     if resumable is not None:
         checkpoint, run_info = resumable
         accelerator.load_state(str(checkpoint))
-        start_step, losses = run_info["step"], list(run_info["losses"])
+        progress.start_step, progress.losses = run_info["step"], list(run_info["losses"])
         if accelerator.is_main_process:
             restore_history(checkpoint, history)
-        log(f"train {method.name}: resuming from {checkpoint} (step {start_step} of {max_steps})")
-    live = start_live(out_dir, start_step) if accelerator.is_main_process else None
+        max_steps = method.params.max_steps
+        log(f"train {method.name}: resuming from {checkpoint} (step {progress.start_step} of {max_steps})")
+    return progress
 
-    # 6. Train.
+
+def train(run: TrainingRun) -> None:
+    """The optimizer steps from `progress.start_step` to `max_steps`; after each, the loss is logged, and samples
+    and checkpoints are saved when due. A non-finite loss stops the run."""
+    params, method, accelerator, out_dir = run.params, run.method, run.accelerator, run.out_dir
+    common, max_steps, key = params.train.common, method.params.max_steps, method.params_key
+    optimization, progress = run.optimization, run.progress
+    live = start_live(out_dir, progress.start_step) if accelerator.is_main_process else None
     caption_ops = method.caption_ops(common.caption_ops)
-    text_cache = TextCache(method, models) if can_cache_text(method, common, caption_ops) else None
-    accumulation = common.gradient_accumulation_steps
-    step_losses = StepLosses(accelerator, live, losses)
+    text_cache = TextCache(method, run.models) if can_cache_text(method, common, caption_ops) else None
+    step_losses = StepLosses(accelerator, live, progress.losses)
     vae = None
     try:
-        for step in track(range(start_step, max_steps), f"train {method.name}", total=max_steps - start_step):
-            step_loss, step_class_loss = 0.0, 0.0
-            for micro in range(accumulation):
-                index = step * accumulation + micro  # the global micro-batch index
-                batch_index = index * accelerator.num_processes + accelerator.process_index
-                batch = batches.batch(batch_index)
-                class_batch = class_batches.batch(batch_index) if class_batches is not None else None
-                rng_parts = (index, accelerator.process_index)
-                caption_rng = python_rng(seed, "captions", *rng_parts)
-                captions = [
-                    method.caption(apply_caption_ops(caption, caption_ops, caption_rng))
-                    for caption in batch.captions
-                ]
-                noise_generator = torch_generator(seed, "noise", *rng_parts)
-                with accelerator.accumulate(*trained_modules):
-                    loss, class_loss = batch_loss(
-                        method, models, batch, captions, text_cache, noise_generator, common, accelerator, class_batch,
-                        prior.loss_weight if prior is not None else 0.0,
-                    )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and common.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(parameters, common.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach() / accumulation
-                if class_loss is not None:
-                    step_class_loss += class_loss.detach() / accumulation
-            lr_scheduler.step()
-            method.after_optimizer_step(models)
-            if ema is not None:
-                ema.step(parameters)
+        start = progress.start_step
+        for step in track(range(start, max_steps), f"train {method.name}", total=max_steps - start):
+            step_loss, step_class_loss = optimizer_step(run, step, caption_ops, text_cache)
             done = step + 1
-            class_loss_of_step = step_class_loss if prior is not None else None
-            step_losses.add(done, step_loss, class_loss_of_step, lr_scheduler.get_last_lr()[0])
+            step_losses.add(done, step_loss, step_class_loss, optimization.lr_scheduler.get_last_lr()[0])
             sample_now = common.sample_every and (done % common.sample_every == 0 or done == max_steps)
             checkpoint_now = common.checkpoint_every and done % common.checkpoint_every == 0 and done < max_steps
             # every loss so far is read (and a non-finite one stops the run) before a sample, a checkpoint or the end
             diverged_at = step_losses.read(keep=0 if sample_now or checkpoint_now or done == max_steps else 1)
             if diverged_at is not None:
-                raise diverged(*diverged_at, max_steps, key, method_params.learning_rate, out_dir)
+                raise diverged(*diverged_at, max_steps, key, method.params.learning_rate, out_dir)
             if sample_now and accelerator.is_main_process:
                 if vae is None:  # loaded only when sampling
                     vae = load_vae(
-                        params.base.base_model, params.base.base_model_config, dtype=weight_dtype, device=device
+                        params.base.base_model, params.base.base_model_config, dtype=run.weight_dtype,
+                        device=accelerator.device,
                     )
                 sample_path = out_dir / SAMPLES_DIR / f"step-{done:06d}.png"
-                with ema.applied(parameters) if ema is not None else nullcontext():
-                    save_samples(method, models, vae, accelerator, common, seed, sample_path)
+                ema = optimization.ema
+                with ema.applied(optimization.parameters) if ema is not None else nullcontext():
+                    save_samples(method, run.models, vae, accelerator, common, params.base.seed, sample_path)
             if checkpoint_now:
-                run_info = {"fingerprint": fingerprint, "losses": losses}
-                save_checkpoint(accelerator, checkpoints_dir, done, run_info, common.keep_checkpoints, history)
+                run_info = {"fingerprint": progress.fingerprint, "losses": progress.losses}
+                save_checkpoint(
+                    accelerator, progress.checkpoints_dir, done, run_info, common.keep_checkpoints, progress.history
+                )
     finally:
         if live is not None:
             live.end()
 
-    # 7. The method's final files (with the averaged weights, when there is an average) and the metrics, written
-    # only now and atomically.
-    if ema is not None:
-        ema.copy_to(parameters)
-    release_training_state(optimizer, ema)
+
+def optimizer_step(
+    run: TrainingRun, step: int, caption_ops, text_cache: TextCache | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step (0-based `step`) over `gradient_accumulation_steps` micro-batches; returns its loss and its
+    class images' loss (None without class images), still on the device."""
+    params, method, models, accelerator = run.params, run.method, run.models, run.accelerator
+    common, optimization, prior = params.train.common, run.optimization, run.data.prior
+    share = ProcessShare(accelerator.process_index, accelerator.num_processes)
+    accumulation = common.gradient_accumulation_steps
+    step_loss, step_class_loss = 0.0, 0.0
+    for micro in range(accumulation):
+        index = step * accumulation + micro  # the run's micro-batch index
+        micro_batch = draw_micro_batch(method, run.data, caption_ops, params.base.seed, index, share)
+        with accelerator.accumulate(*optimization.trained_modules):
+            loss, class_loss = batch_loss(
+                method, models, micro_batch.batch, micro_batch.captions, text_cache, micro_batch.noise_generator,
+                common, accelerator, micro_batch.class_batch, prior.loss_weight if prior is not None else 0.0, share,
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and common.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(optimization.parameters, common.max_grad_norm)
+            optimization.optimizer.step()
+            optimization.optimizer.zero_grad(set_to_none=True)
+        step_loss += loss.detach() / accumulation
+        if class_loss is not None:
+            step_class_loss += class_loss.detach() / accumulation
+    optimization.lr_scheduler.step()
+    method.after_optimizer_step(models)
+    if optimization.ema is not None:
+        optimization.ema.step(optimization.parameters)
+    return step_loss, step_class_loss if prior is not None else None
+
+
+@dataclass
+class MicroBatch:
+    """One process's share of a micro-batch, with the captions as trained and the generator of its noise."""
+
+    batch: Batch
+    captions: list[str]
+    """The batch's captions after the caption ops and the method's mapping (`method.caption`)."""
+    class_batch: Batch | None
+    noise_generator: torch.Generator
+    """Draws the noise and the timesteps of the whole micro-batch (each process keeps its rows)."""
+
+
+def draw_micro_batch(
+    method: TrainingMethod, data: TrainingData, caption_ops, seed: int, index: int, share: ProcessShare
+) -> MicroBatch:
+    """`share`'s rows of the run's `index`-th micro-batch. Every draw is made for the whole micro-batch, as one
+    process would, and each process keeps its rows: N processes train on what one process with an N times larger
+    batch trains on."""
+    batch = data.batches.batch(index)
+    # (index, 0): the position of the draws; the 0 stands where a process index stood when each process drew its own
+    caption_rng = python_rng(seed, "captions", index, 0)
+    captions = [method.caption(apply_caption_ops(caption, caption_ops, caption_rng)) for caption in batch.captions]
+    class_batch = share.take(data.class_batches.batch(index)) if data.class_batches is not None else None
+    return MicroBatch(
+        batch=share.take(batch),
+        captions=captions[share.rows(len(captions) // share.count)],
+        class_batch=class_batch,
+        noise_generator=torch_generator(seed, "noise", index, 0),
+    )
+
+
+def save_outputs(run: TrainingRun, started: float) -> dict:
+    """The method's final files (with the averaged weights, when there is an average) and the metrics, written only
+    now and atomically by the main process; returns the metrics."""
+    method, accelerator, out_dir, optimization = run.method, run.accelerator, run.out_dir, run.optimization
+    max_steps = method.params.max_steps
+    if optimization.ema is not None:
+        optimization.ema.copy_to(optimization.parameters)
+    release_training_state(optimization.optimizer, optimization.ema)
     accelerator.wait_for_everyone()
-    metrics = {
-        "loss": sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]),
-        "steps": max_steps,
-        "images": len(examples),
-    }
-    if prior is not None:
-        metrics["class_images"] = len(prior.examples)
+    metrics = final_metrics(run.progress.losses, max_steps, run.data)
     if accelerator.is_main_process:
         (out_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)  # a DVC out, even when nothing was sampled
         with atomic_path(out_dir / MODEL_DIR) as tmp:
             tmp.mkdir()
-            method.save(unwrapped(models, accelerator), tmp, max_steps)
+            method.save(unwrapped(run.models, accelerator), tmp, max_steps)
         write_json(out_dir / METRICS_FILE, metrics)
         seconds = time.monotonic() - started
         log(f"train {method.name}: {max_steps} steps, loss {metrics['loss']:.4f}, {seconds:.0f}s -> {out_dir}")
-    accelerator.end_training()
+    return metrics
+
+
+def final_metrics(losses: list[float], max_steps: int, data: TrainingData) -> dict:
+    """`metrics.json`: the mean loss of the last `LOSS_WINDOW` steps, the steps, the images (and class images)."""
+    metrics = {
+        "loss": sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:]),
+        "steps": max_steps,
+        "images": len(data.examples),
+    }
+    if data.prior is not None:
+        metrics["class_images"] = len(data.prior.examples)
     return metrics
 
 
@@ -261,21 +420,6 @@ def release_training_state(optimizer, ema: Ema | None) -> None:
     if ema is not None:
         ema.release()
     gc.collect()
-
-
-def method_datasets(base_datasets: list[str], chosen: list[str] | None, key: str) -> list[str]:
-    """The datasets a method trains on: its own choice, which must be prepared (in `base.datasets`), or all of them."""
-    if chosen is None:
-        return list(base_datasets)
-    missing = [name for name in chosen if name not in base_datasets]
-    if missing:
-        raise SdpipeError(
-            f"{key}.datasets lists {', '.join(missing)}, which base.datasets ({', '.join(base_datasets)}) does not; "
-            "only datasets in base.datasets are prepared, captioned and encoded"
-        )
-    if not chosen:
-        raise SdpipeError(f"{key}.datasets is empty; list at least one dataset of base.datasets, or null for all")
-    return list(chosen)
 
 
 def load_models(base, device: torch.device) -> Models:
@@ -401,6 +545,7 @@ def batch_loss(
     accelerator,
     class_batch: Batch | None = None,
     class_loss_weight: float = 0.0,
+    share: ProcessShare = ONE_PROCESS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss of one micro-batch, and the class images' loss (None without a `class_batch`).
 
@@ -408,7 +553,8 @@ def batch_loss(
     images' loss, as in diffusers' `train_dreambooth.py`, and the class captions are used as they are. The images
     and the class images share one text encoder and UNet pass when their latents have one size (fewer, larger
     operations: faster than two passes, most of all on the CPU); with aspect buckets they may not, and each takes
-    its own.
+    its own. `batch` and `class_batch` are `share`'s rows of the micro-batch: the noise and timesteps are drawn for
+    the whole micro-batch and the process keeps its rows.
     """
     parts = [(batch.latents, captions)]
     if class_batch is not None:
@@ -417,7 +563,7 @@ def batch_loss(
     passes = [parts] if one_size else [[part] for part in parts]
     losses = []
     for parts_of_pass in passes:
-        losses += diffusion_losses(method, models, parts_of_pass, text_cache, generator, common, accelerator)
+        losses += diffusion_losses(method, models, parts_of_pass, text_cache, generator, common, accelerator, share)
     if class_batch is None:
         return losses[0], None
     return losses[0] + class_loss_weight * losses[1], losses[1]
@@ -431,20 +577,24 @@ def diffusion_losses(
     generator: torch.Generator,
     common,
     accelerator,
+    share: ProcessShare = ONE_PROCESS,
 ) -> list[torch.Tensor]:
     """The diffusion loss of each part, a batch of latents (of one size) and their captions, all in one UNet pass:
     noise them at random timesteps, predict, compare.
 
     The random draws are made part by part (noise, then timesteps), so a part draws the same whether it shares its
-    pass or takes one of its own.
+    pass or takes one of its own. A part is `share`'s rows of a part of the micro-batch: each part's draws are made
+    for all of its rows, of all processes, and this process keeps its own.
     """
     device = accelerator.device
     low, high = timestep_range(common, models.noise_scheduler)
     latents, noise, timesteps, captions = [], [], [], []
     for part_latents, part_captions in parts:
+        rows = share.rows(len(part_latents))
+        whole_shape = (len(part_latents) * share.count, *part_latents.shape[1:])
         latents.append(to_device(part_latents, device))
-        noise.append(to_device(sample_noise(part_latents.shape, generator, common.noise_offset), device))
-        timesteps.append(to_device(sample_timesteps(len(part_latents), low, high, generator), device))
+        noise.append(to_device(sample_noise(whole_shape, generator, common.noise_offset)[rows], device))
+        timesteps.append(to_device(sample_timesteps(whole_shape[0], low, high, generator)[rows], device))
         captions += part_captions
     sizes = [len(part_latents) for part_latents in latents]
     latents, noise, timesteps = torch.cat(latents), torch.cat(noise), torch.cat(timesteps)
