@@ -1,15 +1,17 @@
-"""The evaluate stage: sample every model with the same prompts and seeds, score it, write one scoreboard.
+"""The evaluate stages: sample each model with the same prompts and seeds, score it; then one scoreboard.
 
 Models: the base, each trained method (loaded the way a user loads its files: `load_textual_inversion`,
 `load_lora_weights`, `from_pretrained`, ... — each method module's `sampling_pipeline`), and each merge. A method
 that makes nothing to sample new prompts with (null-text inversion: per-image records) reports its own measure
 instead (its module's `evaluation_metrics`: reconstruction PSNR).
 
-Per model, `<eval>/<name>/metrics.json` and `<eval>/grids/<name>.png`; for all, `summary.json` and `summary.md` (the base
-first, as the reference row). The metrics:
+Each model is its own DVC stage (`evaluate_base`, `evaluate@<method>`, `evaluate_merge@<recipe>`: `evaluate_model`),
+writing `<eval>/models/<name>/metrics.json` and its grid `<eval>/grids/<name>/<name>.png`, so a change to one method
+re-scores only that method. The `scoreboard` stage (`summarize`, `write_summary`) gathers them into `summary.json`
+and `summary.md` (the base first, as the reference row) and adds what compares a model with the base. The metrics:
 
 - `color_accuracy`, `shape_accuracy`, `joint_accuracy`: the oracle's reading of `a <color> <shape>` samples
-  for the shapes the base model knows; `prior_preservation`: `joint_accuracy` relative to the base's.
+  for the shapes the base model knows; `prior_preservation` (scoreboard): `joint_accuracy` relative to the base's.
 - `fidelity`: share of `a <color> <trigger> <class word>` samples that show the concept's shape (star);
   `editability`: share that also has the prompted color.
 - `style`: share of the `a <color> <shape>` samples in `evaluate.style` (outlined), which style methods learn.
@@ -20,10 +22,14 @@ first, as the reference row). The metrics:
   dataset, with a DINO / DINOv2 model folder in `evaluate.dino_model`.
 - `validation_loss`: the diffusion loss on the held-out `evaluate.validation_datasets` (fixed noise and
   timesteps, so models compare).
+
+The oracle's metrics are the tiny world's: with `evaluate.oracle: false` (a real model) only the concept prompts are
+sampled (for CLIP, DINO and the grid) and nothing of `sdpipe.tinyworld` is imported.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +45,6 @@ from sdpipe.io import atomic_path, read_jsonl, write_json
 from sdpipe.methods.registry import METHODS
 from sdpipe.models.loading import load_pipeline
 from sdpipe.progress import log
-from sdpipe.tinyworld import oracle, scoring, world
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,26 +63,10 @@ class Candidate:
     metrics: dict | None = None  # a method scored by its own measure instead of by sampling (null-text inversion)
 
 
-def candidates(params, device: torch.device):
-    """The base, then each trained method, then each merge recipe, one at a time (each pipeline is freed after use)."""
-    base = params.base
-    yield Candidate("base", load_pipeline(base.base_model, base.base_model_config, device=device), params.evaluate.trigger)
-    for method in params.train.methods:
-        entry = METHODS[method]
-        model_dir = Path(params.paths.train) / method / "model"
-        if not model_dir.is_dir():
-            raise SdpipeError(f"{model_dir}: no trained model; run `dvc repro train@{method}` first")
-        if entry.own_metrics:
-            yield Candidate(method, None, params.evaluate.trigger, entry.evaluation_metrics(params, model_dir.parent))
-            continue
-        pipeline, trigger = entry.sampling_pipeline(params, model_dir, device)
-        yield Candidate(method, pipeline, trigger)
-    for recipe in merge_recipe_names(params):
-        folder = Path(params.paths.merge) / recipe / "model"
-        if not folder.is_dir():
-            raise SdpipeError(f"{folder}: no merged model; run `dvc repro merge` first")
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-        yield Candidate(f"merge-{recipe}", pipeline.to(device), params.evaluate.trigger)
+def model_names(params) -> list[str]:
+    """The scoreboard's rows, in order: `base`, each method of `train.methods`, `merge-<recipe>` for each recipe that
+    writes a model."""
+    return ["base", *params.train.methods, *(f"merge-{recipe}" for recipe in merge_recipe_names(params))]
 
 
 def merge_recipe_names(params) -> list[str]:
@@ -85,24 +74,84 @@ def merge_recipe_names(params) -> list[str]:
     return [name for name, recipe in params.merge.recipes.items() if recipe.method not in LORA_FILE_METHODS]
 
 
-def evaluate_models(params, device: torch.device) -> dict[str, dict]:
-    """Scores every candidate model into `<eval>/<name>/`; returns the rows of the summary."""
-    settings = params.evaluate
+def model_metrics_path(params, name: str) -> Path:
+    return Path(params.paths.eval) / "models" / name / "metrics.json"
+
+
+def load_candidate(params, name: str, device: torch.device) -> Candidate:
+    """Model `name` (`base`, a method of `train.methods` or `merge-<recipe>`), loaded as a user loads it."""
+    trigger = params.evaluate.trigger
+    if name == "base":
+        return Candidate("base", load_pipeline(params.base.base_model, params.base.base_model_config, device=device), trigger)
+    if name in params.train.methods:
+        entry = METHODS[name]
+        model_dir = Path(params.paths.train) / name / "model"
+        if not model_dir.is_dir():
+            raise SdpipeError(f"{model_dir}: no trained model; run `dvc repro train@{name}` first")
+        if entry.own_metrics:
+            return Candidate(name, None, trigger, entry.evaluation_metrics(params, model_dir.parent))
+        pipeline, method_trigger = entry.sampling_pipeline(params, model_dir, device)
+        return Candidate(name, pipeline, method_trigger)
+    recipe = name.removeprefix("merge-")
+    if name.startswith("merge-") and recipe in params.merge.recipes:
+        folder = Path(params.paths.merge) / recipe / "model"
+        if not folder.is_dir():
+            raise SdpipeError(f"{folder}: no merged model; run `dvc repro merge` first")
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        return Candidate(name, pipeline.to(device), trigger)
+    raise SdpipeError(
+        f"evaluate: no model {name!r}; expected base, a method of train.methods ({', '.join(params.train.methods)}) "
+        f"or merge-<recipe> for a recipe of merge.recipes ({', '.join(params.merge.recipes) or 'none'})"
+    )
+
+
+def evaluate_model(params, name: str, device: torch.device) -> dict:
+    """Scores one model (the `evaluate_base`, `evaluate@<method>` and `evaluate_merge@<recipe>` stages): writes
+    `<eval>/models/<name>/metrics.json` and the sample grid `<eval>/grids/<name>/<name>.png`; returns the metrics.
+
+    The grid's folder is the stage's plots output, so it is made even where no grid is (a method scored by its own
+    measure). A merge recipe that writes a LoRA file gets a metrics file saying it is not scored."""
     out_dir = Path(params.paths.eval)
-    references = Reference(params, device)
-    rows: dict[str, dict] = {}
-    for candidate in candidates(params, device):
-        log(f"evaluate: {candidate.name}")
+    grid_dir = out_dir / "grids" / name
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    recipe = params.merge.recipes.get(name.removeprefix("merge-")) if name.startswith("merge-") else None
+    if recipe is not None and recipe.method in LORA_FILE_METHODS:
+        metrics = {"not_scored": f"merge.recipes.{name.removeprefix('merge-')} ({recipe.method}) writes a LoRA file"}
+    else:
+        log(f"evaluate: {name}")
+        candidate = load_candidate(params, name, device)
         if candidate.metrics is not None:
             metrics = candidate.metrics
         else:
-            metrics = evaluate_candidate(candidate, settings, references, out_dir / "grids" / f"{candidate.name}.png")
-            base_joint = rows["base"]["joint_accuracy"] if rows else metrics["joint_accuracy"]
+            metrics = evaluate_candidate(candidate, params.evaluate, Reference(params, device), grid_dir / f"{name}.png")
+    write_json(model_metrics_path(params, name), metrics)
+    return metrics
+
+
+def summarize(params) -> dict[str, dict]:
+    """The scoreboard's rows from each model's `metrics.json` (see `model_names`), with `prior_preservation`: a
+    sampled model's `joint_accuracy` relative to the base's (1.0 for the base; only with the oracle)."""
+    rows: dict[str, dict] = {}
+    for name in model_names(params):
+        path = model_metrics_path(params, name)
+        if not path.is_file():
+            stage = "evaluate_base" if name == "base" else f"evaluate@{name}" if name in params.train.methods else (
+                f"evaluate_merge@{name.removeprefix('merge-')}"
+            )
+            raise SdpipeError(f"{path}: missing; run `dvc repro {stage}` first")
+        rows[name] = json.loads(path.read_text(encoding="utf-8"))
+    base_joint = rows["base"].get("joint_accuracy")
+    for metrics in rows.values():
+        if "joint_accuracy" in metrics:
             metrics["prior_preservation"] = round(metrics["joint_accuracy"] / base_joint, 4) if base_joint else 0.0
-        write_json(out_dir / candidate.name / "metrics.json", metrics)
-        rows[candidate.name] = metrics
-        del candidate
     return rows
+
+
+def evaluate_models(params, device: torch.device) -> dict[str, dict]:
+    """Every model in turn (what the evaluate stages do one by one); returns the scoreboard's rows."""
+    for name in model_names(params):
+        evaluate_model(params, name, device)
+    return summarize(params)
 
 
 class Reference:
@@ -133,30 +182,39 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
     pipeline = candidate.pipeline
     pipeline.set_progress_bar_config(disable=True)
     seeds = list(range(settings.seeds_per_prompt))
-    prior_probes = scoring.color_shape_probes(world.PRETRAIN_SHAPES)
-    concept_probes = [
-        scoring.Probe(f"a {color} {candidate.trigger} {settings.class_word}", color=color, shape=settings.concept_shape)
-        for color in world.COLORS
-    ]
-    prompts = [probe.prompt for probe in prior_probes + concept_probes]
-    images = scoring.sample(pipeline, prompts, seeds, settings.steps, settings.guidance_scale, settings.batch_size)
-    split = len(prior_probes) * len(seeds)
-    prior_images, concept_images = images[:split], images[split:]
+    concept_prompts = [f"a {color} {candidate.trigger} {settings.class_word}" for color in settings.colors]
+    metrics = {}
+    if settings.oracle:
+        from sdpipe.tinyworld import oracle, scoring, world  # the tiny world's ground truth: only with the oracle
 
-    prior = scoring.score_probes(prior_images, prior_probes, len(seeds))
-    concept = scoring.score_probes(concept_images, concept_probes, len(seeds))
-    styles = [reading.style for reading in oracle.read_batch(prior_images)]
-    metrics = {
-        "color_accuracy": prior["color"],
-        "shape_accuracy": prior["shape"],
-        "joint_accuracy": prior["all"],
-        "fidelity": concept["shape"],
-        "editability": concept["all"],
-        "style": round(sum(style == settings.style for style in styles) / len(styles), 4),
-    }
+        unknown = [color for color in settings.colors if color not in world.COLORS]
+        if unknown:
+            raise SdpipeError(f"evaluate.colors: the oracle reads only {', '.join(world.COLORS)}, not {', '.join(unknown)}")
+        prior_probes = scoring.color_shape_probes(world.PRETRAIN_SHAPES)
+        concept_probes = [scoring.Probe(prompt, color=color, shape=settings.concept_shape)
+                          for prompt, color in zip(concept_prompts, settings.colors)]
+        prompts = [probe.prompt for probe in prior_probes] + concept_prompts
+    else:
+        prompts = concept_prompts
+    images = sample(pipeline, prompts, seeds, settings.steps, settings.guidance_scale, settings.batch_size)
+    concept_images = images[len(images) - len(concept_prompts) * len(seeds):]
+
+    if settings.oracle:
+        prior_images = images[: len(prior_probes) * len(seeds)]
+        prior = scoring.score_probes(prior_images, prior_probes, len(seeds))
+        concept = scoring.score_probes(concept_images, concept_probes, len(seeds))
+        styles = [reading.style for reading in oracle.read_batch(prior_images)]
+        metrics = {
+            "color_accuracy": prior["color"],
+            "shape_accuracy": prior["shape"],
+            "joint_accuracy": prior["all"],
+            "fidelity": concept["shape"],
+            "editability": concept["all"],
+            "style": round(sum(style == settings.style for style in styles) / len(styles), 4),
+        }
     if reference.clip is not None:
         features = reference.clip.image_features(concept_images)
-        texts = [f"a {probe.color} {settings.concept_shape}" for probe in concept_probes for _ in seeds]
+        texts = [f"a {color} {settings.concept_shape}" for color in settings.colors for _ in seeds]
         metrics["clip_t"] = round(float((features * reference.clip.text_features(texts)).sum(-1).mean()), 4)
         metrics["clip_i"] = round(float((features @ reference.concept_features.T).mean()), 4)
         metrics["kid"] = round(kernel_inception_distance(features, reference.concept_features), 5)
@@ -170,8 +228,36 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
 
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(grid_path) as tmp:
-        scoring.image_grid(images, columns=len(seeds) * 2).save(tmp, format="PNG")
+        image_grid(images, columns=len(seeds) * 2).save(tmp, format="PNG")
     return metrics
+
+
+@torch.no_grad()
+def sample(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, batch_size: int):
+    """One image per (prompt, seed) pair, prompt-major; each image's noise comes from its own seed (as
+    `sdpipe.tinyworld.scoring.sample`, which the tiny-world benchmarks use: evaluate imports no tiny-world code
+    without the oracle)."""
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    height = width = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    images: list[Image.Image] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        generators = [torch.Generator(pipeline.device).manual_seed(seed) for _, seed in chunk]
+        result = pipeline([prompt for prompt, _ in chunk], height=height, width=width, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, generator=generators)
+        images.extend(result.images)
+    return images
+
+
+def image_grid(images: list[Image.Image], columns: int, scale: int = 2) -> Image.Image:
+    """Tiles images row-major into one picture, scaled up with nearest-neighbour for viewing (as
+    `sdpipe.tinyworld.scoring.image_grid`)."""
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
 
 
 def validation_examples(latents_dir: Path, captions_dir: Path, name: str, datasets: list[str]):

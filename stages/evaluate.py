@@ -1,15 +1,17 @@
-"""DVC stage `evaluate`: sample every model with the same prompts and seeds, score it, write the summary."""
+"""DVC stages `evaluate_base`, `evaluate@<method>`, `evaluate_merge@<recipe>`: sample one model with the evaluation
+prompts and seeds and score it (`python stages/evaluate.py <model>`: base, a method of train.methods, merge-<recipe>).
+The `scoreboard` stage (stages/scoreboard.py) gathers the models' metrics into the summary."""
 
-from pathlib import Path
+import sys
 
-from sdpipe.evaluate import evaluate_models, write_summary
+from sdpipe.evaluate import evaluate_model
 from sdpipe.models.loading import resolve_device
 from sdpipe.stage import run_stage
 
 
 def main(params) -> None:
-    rows = evaluate_models(params, resolve_device(params.base.device))
-    write_summary(rows, Path(params.paths.eval))
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    evaluate_model(params, name, resolve_device(params.base.device))
 
 
 if __name__ == "__main__":

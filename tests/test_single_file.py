@@ -14,8 +14,8 @@ from sdpipe.models.sd15 import SD15_UNET, SD15_VAE
 from sdpipe.models.single_file import (
     load_single_file_pipeline,
     load_single_file_state_dict,
+    open_clip_text_encoder_to_original,
     save_single_file,
-    text_encoder_to_original,
     unet_to_original,
     vae_to_original,
 )
@@ -176,8 +176,15 @@ def test_truncated_or_garbled_file_is_a_clear_error(single_file, tiny_sd_dir, tm
 
 
 def test_refuses_what_the_sd1_layout_cannot_hold(single_file, tiny_sd_dir, tmp_path):
-    with pytest.raises(SdpipeError, match="SD 2.x"):
-        text_encoder_to_original({"text_model.encoder.layers.22.layer_norm2.bias": torch.zeros(1)})
+    with pytest.raises(SdpipeError, match="no OpenCLIP equivalent: encoder.layers.0.extra"):
+        open_clip_text_encoder_to_original({
+            "embeddings.token_embedding.weight": torch.zeros(1), "embeddings.position_embedding.weight": torch.zeros(1),
+            "final_layer_norm.weight": torch.zeros(1), "final_layer_norm.bias": torch.zeros(1),
+            **{f"encoder.layers.0.{part}.{kind}": torch.zeros(1) for kind in ("weight", "bias") for part in (
+                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "layer_norm1",
+                "layer_norm2", "mlp.fc1", "mlp.fc2")},
+            "encoder.layers.0.extra.weight": torch.zeros(1),
+        })
     with pytest.raises(SdpipeError, match="add_embedding.linear_1.weight"):
         unet_to_original({"add_embedding.linear_1.weight": torch.zeros(1)}, SD15_UNET)
     with pytest.raises(SdpipeError, match="ending in .safetensors"):
@@ -191,3 +198,40 @@ def test_refuses_what_the_sd1_layout_cannot_hold(single_file, tiny_sd_dir, tmp_p
     save_file({k: v for k, v in state_dict.items() if not k.startswith("cond_stage_model.")}, no_text_encoder)
     with pytest.raises(SdpipeError, match="no text encoder"):
         load_single_file_pipeline(no_text_encoder, config=tiny_sd_dir)
+
+
+def test_sd2_text_encoder_is_written_in_the_open_clip_layout_and_reads_back(tmp_path):
+    """SD 2.x (an OpenCLIP text encoder: GELU) gets the original SD 2 layout, `cond_stage_model.model.` with fused
+    q/k/v `in_proj` weights, which diffusers' `from_single_file` converts back to the same weights."""
+    from transformers import CLIPTextModel
+
+    from sdpipe.tinyworld import models as tiny_models
+    from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer(tmp_path / "tokenizer")
+    text_config = tiny_models.text_config(tokenizer)
+    text_config.hidden_act = "gelu"  # OpenCLIP's, where OpenAI CLIP (SD 1.x) has quick_gelu
+    unet_config = dict(tiny_models.unet_config(), use_linear_projection=True)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**tiny_models.vae_config()), text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**unet_config), scheduler=tiny_models.sample_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp_path / "sd2")
+    path = save_single_file(pipe, tmp_path / "sd2.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())  # noqa: SIM118
+        in_proj = f.get_tensor("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")
+    hidden = text_config.hidden_size
+    assert in_proj.shape == (3 * hidden, hidden)
+    assert not any(key.startswith("cond_stage_model.transformer.") for key in keys)
+    layers = text_config.num_hidden_layers
+    assert {f"cond_stage_model.model.transformer.resblocks.{layers - 1}.mlp.c_proj.weight",
+            "cond_stage_model.model.positional_embedding", "cond_stage_model.model.ln_final.weight"} <= keys
+
+    loaded = load_single_file_pipeline(path, config=tmp_path / "sd2")
+    for name in PREFIXES:
+        original, restored = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert restored.keys() == original.keys(), name
+        assert all(torch.equal(original[key], restored[key]) for key in original), name

@@ -18,6 +18,15 @@ class EvaluateParams(Section):
     batch_size: int = Field(default=64, ge=1)
     """Images sampled per pipeline call."""
 
+    oracle: bool = True
+    """Score with the tiny world's oracle (color/shape/joint accuracy, `prior_preservation`, `fidelity`, `editability`,
+    `style`: the `a <color> <shape>` prompts are sampled too). false for a real model: only the concept prompts are
+    sampled (CLIP, DINO, validation loss, the grid) and evaluate imports nothing of `sdpipe.tinyworld`."""
+
+    colors: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow"], min_length=1)
+    """The colors of the concept prompts `a <color> <trigger> <class_word>` (with the oracle: colors the tiny world
+    draws, which it reads)."""
+
     trigger: str = Field(default="sks", min_length=1)
     """The concept's trigger word in the dataset captions; a method that names the concept differently (textual
     inversion's placeholder token) substitutes its own."""

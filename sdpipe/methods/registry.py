@@ -92,7 +92,7 @@ METHODS: dict[str, Method] = {
             "textual_inversion",
             "TextualInversionParams",
             "embedding",
-            "Textual inversion: new token embeddings (A1111 `.pt`/`.safetensors` and diffusers-loadable).",
+            "Textual inversion: new token embeddings, one `<token>.safetensors` (A1111, ComfyUI and diffusers load it).",
         ),
         Method(
             "finetune",

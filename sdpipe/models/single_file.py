@@ -7,7 +7,8 @@ and SD 1.x/2.x-shaped UNets. The file holds three prefixed parts:
 
     model.diffusion_model.*          the UNet
     first_stage_model.*              the VAE (its attention linears stored as 1x1 convs, as the original does)
-    cond_stage_model.transformer.*   the CLIP text encoder (SD 1.x layout only)
+    cond_stage_model.transformer.*   SD 1.x's CLIP text encoder (transformers' keys, `text_model.…`)
+    cond_stage_model.model.*         or SD 2.x's OpenCLIP text encoder (fused q/k/v `resblocks`, as OpenCLIP)
 
 Reading back is diffusers' own `StableDiffusionPipeline.from_single_file`. The keys alone do not tell the
 architecture (diffusers would guess SD 1.5 and fetch its configs from the Hub), so the caller must pass
@@ -30,7 +31,7 @@ from sdpipe.io import SafetensorsWriter, atomic_path
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
-OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x files: readable by diffusers, not written here
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x files (OpenCLIP text encoder)
 SDXL_PREFIX = "conditioner.embedders."  # SDXL files: not Stable Diffusion 1.x/2.x, refused
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -201,27 +202,68 @@ def text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     """A transformers `CLIPTextModel` state dict in SD 1.x keys (without `cond_stage_model.transformer.`).
 
     SD 1.x stores the HF CLIP keys as they are, under `text_model.` (transformers >= 5.6 dropped that
-    wrapper from `CLIPTextModel`, so it is added back). SD 2.x's OpenCLIP layout (`cond_stage_model.model.`,
-    fused `in_proj` attention weights) is out of scope for writing: an SD 2.x-sized text encoder (24 layers)
-    is refused rather than written in a layout that other tools would misread.
+    wrapper from `CLIPTextModel`, so it is added back).
     """
-    keys = {key.removeprefix("text_model.") for key in state_dict}
-    if "encoder.layers.22.layer_norm2.bias" in keys:
-        raise SdpipeError(
-            "text encoder has 23+ layers (an SD 2.x OpenCLIP text encoder): writing the SD 2.x single-file "
-            "layout is not supported; save a diffusers folder instead"
-        )
     return {
         key if key.startswith("text_model.") else f"text_model.{key}": tensor for key, tensor in state_dict.items()
     }
 
 
+def is_open_clip(text_encoder_config) -> bool:
+    """SD 2.x's text encoder: OpenCLIP ViT-H/14's text tower, which uses GELU where OpenAI's CLIP (SD 1.x) uses
+    quick GELU; its single-file layout is OpenCLIP's, under `cond_stage_model.model.`."""
+    return text_encoder_config.hidden_act == "gelu"
+
+
+OPEN_CLIP_LAYER_PARTS = {  # diffusers (HF CLIP) name in a layer -> OpenCLIP resblock name
+    "layer_norm1": "ln_1",
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def open_clip_text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 2.x's text encoder (a transformers `CLIPTextModel` state dict) in the OpenCLIP layout of the original
+    checkpoints, without `cond_stage_model.model.`: fused q/k/v `attn.in_proj_weight`, `transformer.resblocks.N`,
+    `ln_final`, `token_embedding`, `positional_embedding`, as diffusers' and ComfyUI's loaders read them.
+
+    The originals also hold the last of OpenCLIP's 24 layers, `text_projection` and `logit_scale`, which SD 2.x
+    never uses (it conditions on the penultimate layer's output) and which a diffusers model does not have: they are
+    left out, and loaders that build 24 layers leave the unused one as it is.
+    """
+    weights = {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()}
+    weights.pop("embeddings.position_ids", None)  # a buffer in older transformers, not a weight
+    original = {
+        "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": weights.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": weights.pop("final_layer_norm.weight"),
+        "ln_final.bias": weights.pop("final_layer_norm.bias"),
+    }
+    layers = sorted({int(key.split(".")[2]) for key in weights if key.startswith("encoder.layers.")})
+    for index in layers:
+        layer, block = f"encoder.layers.{index}.", f"transformer.resblocks.{index}."
+        for kind in ("weight", "bias"):
+            projections = [weights.pop(f"{layer}self_attn.{name}_proj.{kind}") for name in "qkv"]
+            original[f"{block}attn.in_proj_{kind}"] = torch.cat(projections)
+            for part, open_clip_part in OPEN_CLIP_LAYER_PARTS.items():
+                original[f"{block}{open_clip_part}.{kind}"] = weights.pop(f"{layer}{part}.{kind}")
+    if weights:
+        raise SdpipeError(f"text encoder weights with no OpenCLIP equivalent: {', '.join(sorted(weights)[:3])}")
+    return original
+
+
 def pipeline_to_original(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     """The whole single-file state dict of a UNet, VAE and text encoder, with the original prefixes."""
+    if is_open_clip(text_encoder.config):
+        text_encoder_part = (OPEN_CLIP_PREFIX, open_clip_text_encoder_to_original(text_encoder.state_dict()))
+    else:
+        text_encoder_part = (TEXT_ENCODER_PREFIX, text_encoder_to_original(text_encoder.state_dict()))
     parts = [
         (UNET_PREFIX, unet_to_original(unet.state_dict(), unet.config)),
         (VAE_PREFIX, vae_to_original(vae.state_dict())),
-        (TEXT_ENCODER_PREFIX, text_encoder_to_original(text_encoder.state_dict())),
+        text_encoder_part,
     ]
     return {prefix + key: tensor for prefix, converted in parts for key, tensor in converted.items()}
 
