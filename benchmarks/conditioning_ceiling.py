@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from sdpipe import sampling
 from sdpipe.encode import dataset_images, encode_pixels, load_pixels, read_manifest
 from sdpipe.models.clip_image import ClipImageEncoder
-from sdpipe.tinyworld import oracle, scoring
+from sdpipe.tinyworld import oracle
 from sdpipe.tinyworld.pretrain import encode_text
 
 
@@ -128,7 +129,7 @@ def main() -> None:
     for unet_name, dataset, bounds, ceiling, count, target in results:
         print(f"{unet_name:<17}{dataset:<10}{ceiling:>9.3f}{count:>9}{target:>8.2f}  {bounds}")
     if args.grid:
-        scoring.image_grid([image for row in grid_rows for image in row], columns=16).save(args.grid)
+        sampling.image_grid([image for row in grid_rows for image in row], columns=16).save(args.grid)
         print(f"grid: {args.grid}")
 
 

@@ -149,6 +149,7 @@ def benchmark(
 def oracle_comparison(model: str, seeds: int, steps: int) -> dict:
     """The oracle's accuracy on `a <color> <shape>` images of `model` from PyTorch and from its ONNX export, with
     the same seeds (one per image, as the evaluate stage draws them)."""
+    from sdpipe import sampling
     from sdpipe.models.loading import load_pipeline
     from sdpipe.tinyworld import scoring
 
@@ -160,7 +161,7 @@ def oracle_comparison(model: str, seeds: int, steps: int) -> dict:
         runner = OnnxStableDiffusion(Path(scratch) / "onnx")
         onnx_images = [to_pil(runner(prompt, seed=seed, steps=steps))[0] for prompt in prompts for seed in seed_list]
     pipe.set_progress_bar_config(disable=True)
-    torch_images = scoring.sample(pipe, prompts, seed_list, steps=steps)
+    torch_images = sampling.sample(pipe, prompts, seed_list, steps=steps)
     differences = [
         np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() / 255 for a, b in zip(onnx_images, torch_images)
     ]

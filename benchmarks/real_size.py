@@ -5,7 +5,8 @@ aesthetic gradient and evaluate, and for SD 1.5 an image-variations model for CL
 committed), makes a workspace with the repository's `datasets/` and a `params.yaml` that points every stage at them
 (resolution 64, batch 1, 2 steps per method, 1 class image, short samplers), then runs the real stage scripts one
 after another, as DVC would: prepare, caption, encode, class_images, train@<method> for every method that applies,
-merge (a weighted sum of DreamBooth and fine-tune, a LoRA baked into the base, the LoRA resized), evaluate, export.
+merge (a weighted sum of DreamBooth and fine-tune, a LoRA baked into the base, the LoRA resized), evaluate (each
+model; CLIP metrics, no tiny-world oracle), the scoreboard, export, and `sdpipe convert` both ways.
 
 For each stage it prints the wall time and the peak RSS of the stage's process (`wait4`), beside the model's own size
 (its weights in memory at the run's dtype) and the baselines measured before the fixes of issue #24 where there are
@@ -41,6 +42,11 @@ METHODS = {
     "sd15": list(REGISTERED_METHODS),
     # no image-variations model exists for SD 2.x (its unCLIP takes another conditioning): CLIP inversion is SD 1.5's
     "sd2": [name for name in REGISTERED_METHODS if name != "clip_inversion"],
+}
+MERGE_RECIPES = {
+    "dreambooth_finetune": None,  # the default params.yaml's recipe
+    "bake_lora": {"method": "lora_bake", "inputs": {"model": "base", "loras": ["train:lora"]}, "strength": 0.8},
+    "resize_lora": {"method": "lora_resize", "inputs": {"lora": "train:lora"}, "rank": 4},
 }
 # Peak RSS in GiB measured on SD 1.5, fp32, 2 CPU cores, before the fixes of issue #24 (the issue's own figures).
 BASELINE_GIB = {
@@ -90,12 +96,10 @@ def workspace_params(arch: str, models: dict[str, Path], resolution: int) -> dic
     train["aesthetic_gradient"]["clip_model"] = str(models["clip"])
     if "clip_inversion" in methods:
         train["clip_inversion"]["variations_model"] = str(models["variations"])
-    params["merge"]["recipes"] = {
-        "dreambooth_finetune": params["merge"]["recipes"]["dreambooth_finetune"],
-        "bake_lora": {"method": "lora_bake", "inputs": {"model": "base", "loras": ["train:lora"]}, "strength": 0.8},
-        "resize_lora": {"method": "lora_resize", "inputs": {"lora": "train:lora"}, "rank": 4},
-    }
-    params["evaluate"].update(seeds_per_prompt=2, steps=2, batch_size=8, clip_model=str(models["clip"]))
+    default_recipes = params["merge"]["recipes"]
+    params["merge"]["recipes"] = {name: recipe or default_recipes[name] for name, recipe in MERGE_RECIPES.items()}
+    # a real model's evaluation: CLIP metrics, no tiny-world oracle
+    params["evaluate"].update(seeds_per_prompt=2, steps=2, batch_size=8, clip_model=str(models["clip"]), oracle=False)
     params["export"].update(check_steps=2)
     return params
 
@@ -108,8 +112,14 @@ def stage_commands(arch: str, models: dict[str, Path]) -> dict[str, list[str]]:
     stages = {name: stage(name) for name in ("prepare", "caption", "encode", "class_images")}
     for method in METHODS[arch]:
         stages[f"train@{method}"] = stage("train", method)
-    for name in ("merge", "evaluate", "export"):
-        stages[name] = stage(name)
+    stages["merge"] = stage("merge")
+    stages["evaluate_base"] = stage("evaluate", "base")
+    for method in METHODS[arch]:
+        stages[f"evaluate@{method}"] = stage("evaluate", method)
+    for recipe in MERGE_RECIPES:
+        stages[f"evaluate_merge@{recipe}"] = stage("evaluate", f"merge-{recipe}")
+    stages["scoreboard"] = stage("scoreboard")
+    stages["export"] = stage("export")
     convert = [sys.executable, "-m", "sdpipe.cli", "convert", "--overwrite"]
     stages["convert folder -> single file"] = [*convert, str(models["model"]), "converted.safetensors"]
     stages["convert single file -> folder"] = [

@@ -7,7 +7,8 @@ is committed, so it is not rebuilt; nothing is shared with this checkout's DVC c
    time includes DVC hashing and caching its outputs), the total, and the peak RSS;
 2. `dvc repro` again: it must run nothing;
 3. `dvc exp run -S train.lora.learning_rate=<other>`: it must run `train@lora` and only stages downstream of it in
-   `dvc dag` (merge, evaluate, export), never another method's training or the data stages.
+   `dvc dag` (evaluate@lora, scoreboard, merge, export; evaluate_merge@<recipe> only if the merge changed), never
+   another method's training or evaluation, or the data stages.
 
 Peak RSS is that of the largest single process of the tree (`/usr/bin/time -v` when present, else
 `getrusage(RUSAGE_CHILDREN)`): the stages run one after another, so it is the peak of the heaviest stage. The

@@ -17,6 +17,7 @@ import diffusers
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sdpipe import sampling
 from sdpipe.tinyworld import scoring, world
 
 
@@ -40,8 +41,8 @@ def main() -> None:
     held_in = scoring.color_shape_probes(world.PRETRAIN_SHAPES)
     held_out = scoring.color_shape_probes(world.HELD_OUT_SHAPES)
     start = time.perf_counter()
-    held_in_images = scoring.sample(pipeline, [p.prompt for p in held_in], seeds, args.steps, args.guidance)
-    held_out_images = scoring.sample(pipeline, [p.prompt for p in held_out], seeds, args.steps, args.guidance)
+    held_in_images = sampling.sample(pipeline, [p.prompt for p in held_in], seeds, args.steps, args.guidance)
+    held_out_images = sampling.sample(pipeline, [p.prompt for p in held_out], seeds, args.steps, args.guidance)
     seconds = time.perf_counter() - start
     held_in_scores = scoring.score_probes(held_in_images, held_in, len(seeds))
     held_out_scores = scoring.score_probes(held_out_images, held_out, len(seeds))
@@ -67,7 +68,7 @@ def main() -> None:
         scores = scoring.score_probes(images, per_shape, len(seeds))
         print(f"  {shape:<10} color {scores['color']:.3f}  shape {scores['shape']:.3f}")
     if args.grid:
-        scoring.image_grid(held_in_images + held_out_images, columns=len(seeds) * 2).save(args.grid)
+        sampling.image_grid(held_in_images + held_out_images, columns=len(seeds) * 2).save(args.grid)
         print(f"grid: {args.grid}")
 
 

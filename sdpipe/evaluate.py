@@ -45,6 +45,7 @@ from sdpipe.io import atomic_path, read_jsonl, write_json
 from sdpipe.methods.registry import METHODS
 from sdpipe.models.loading import load_pipeline
 from sdpipe.progress import log
+from sdpipe.sampling import image_grid, sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -185,7 +186,11 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
     concept_prompts = [f"a {color} {candidate.trigger} {settings.class_word}" for color in settings.colors]
     metrics = {}
     if settings.oracle:
-        from sdpipe.tinyworld import oracle, scoring, world  # the tiny world's ground truth: only with the oracle
+        from sdpipe.tinyworld import (  # the tiny world's ground truth: only with the oracle
+            oracle,
+            scoring,
+            world,
+        )
 
         unknown = [color for color in settings.colors if color not in world.COLORS]
         if unknown:
@@ -233,31 +238,8 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
 
 
 @torch.no_grad()
-def sample(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, batch_size: int):
-    """One image per (prompt, seed) pair, prompt-major; each image's noise comes from its own seed (as
-    `sdpipe.tinyworld.scoring.sample`, which the tiny-world benchmarks use: evaluate imports no tiny-world code
-    without the oracle)."""
-    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
-    height = width = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    images: list[Image.Image] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        generators = [torch.Generator(pipeline.device).manual_seed(seed) for _, seed in chunk]
-        result = pipeline([prompt for prompt, _ in chunk], height=height, width=width, num_inference_steps=steps,
-                          guidance_scale=guidance_scale, generator=generators)
-        images.extend(result.images)
-    return images
 
 
-def image_grid(images: list[Image.Image], columns: int, scale: int = 2) -> Image.Image:
-    """Tiles images row-major into one picture, scaled up with nearest-neighbour for viewing (as
-    `sdpipe.tinyworld.scoring.image_grid`)."""
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
 
 
 def validation_examples(latents_dir: Path, captions_dir: Path, name: str, datasets: list[str]):

@@ -12,13 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
+from sdpipe import sampling
 from sdpipe.config import parse_params
 from sdpipe.io import write_jsonl
 from sdpipe.methods import aesthetic_gradient
 from sdpipe.models.clip_image import CLIPImageProcessor
 from sdpipe.models.loading import load_pipeline
 from sdpipe.tinyworld import models as tiny_models
-from sdpipe.tinyworld import scoring
 
 IMAGES = 5
 
@@ -120,6 +120,6 @@ def test_steering_moves_prompts_toward_the_embedding(world):
     assert not torch.allclose(steered, plain)
 
     # the pipeline works as the evaluate stage calls it, and the same prompt is steered the same way
-    images = scoring.sample(pipeline, ["a red circle", "a red circle"], [0], steps=2, batch_size=2)
+    images = sampling.sample(pipeline, ["a red circle", "a red circle"], [0], steps=2, batch_size=2)
     assert len(images) == 2 and images[0].size == (32, 32)
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))

@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
+from sdpipe import sampling
 from sdpipe.config import ParamsError, parse_params
 from sdpipe.config.train import DreamArtistParams
 from sdpipe.methods import dreamartist
 from sdpipe.methods.dreamartist import DreamArtist
-from sdpipe.tinyworld import scoring
 from sdpipe.training import CHECKPOINTS_DIR, MODEL_DIR
 from sdpipe.training.checkpoints import list_checkpoints
 from sdpipe.training.data import Batch
@@ -176,7 +176,7 @@ def test_sampling_uses_the_negative_embedding(trained):
         return encode_prompt(prompt, device, images_per_prompt, guided, negative_prompt, **kwargs)
 
     pipeline.encode_prompt = recording
-    guided = scoring.sample(pipeline, ["a red <sks> shape", "a red circle"], seeds=[0], steps=2)  # as evaluate samples
+    guided = sampling.sample(pipeline, ["a red <sks> shape", "a red circle"], seeds=[0], steps=2)  # as evaluate samples
     assert seen == [["a red <sks>-neg shape", ""]]
     plain = pipeline(["a red <sks> shape"], num_inference_steps=2, height=32, width=32, negative_prompt=[""],
                      generator=torch.Generator().manual_seed(0)).images[0]

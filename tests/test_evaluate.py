@@ -1,8 +1,11 @@
-"""The evaluate stage: the scoreboard's figures against an independent re-computation on a few images."""
+"""The evaluate stages: the scoreboard's figures against an independent re-computation on a few images; one model per
+stage; the oracle off imports no tiny-world code."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,15 @@ from transformers import CLIPConfig, CLIPModel
 from sdpipe.config import parse_params
 from sdpipe.encode import save_safetensors
 from sdpipe.errors import SdpipeError
-from sdpipe.evaluate import DinoScorer, evaluate_models, frechet_distance, kernel_inception_distance, write_summary
+from sdpipe.evaluate import (
+    DinoScorer,
+    evaluate_model,
+    evaluate_models,
+    frechet_distance,
+    kernel_inception_distance,
+    summarize,
+    write_summary,
+)
 from sdpipe.io import write_jsonl
 from sdpipe.tinyworld import oracle, world
 from sdpipe.tinyworld.datasets import star_scenes
@@ -74,15 +85,18 @@ def project(tmp_path_factory, tiny_sd_dir, write_star_dataset):
     return root
 
 
-def eval_params(root, tiny_sd_dir, **evaluate):
-    return parse_params(
-        {
-            "paths": {key: f"{root}/{key}" for key in ("prepared", "captions", "latents", "train", "merge", "eval")},
-            "base": {"base_model": str(tiny_sd_dir), "datasets": ["star", "star_val"], "device": "cpu"},
-            "train": {"methods": ["textual_inversion"]},
-            "evaluate": {"seeds_per_prompt": SEEDS, "steps": STEPS, "clip_model": f"{root}/clip", **evaluate},
-        }
-    )
+def eval_params_data(root, tiny_sd_dir, eval_dir=None, **evaluate) -> dict:
+    paths = {key: f"{root}/{key}" for key in ("prepared", "captions", "latents", "train", "merge", "eval")}
+    return {
+        "paths": {**paths, "eval": str(eval_dir or paths["eval"])},
+        "base": {"base_model": str(tiny_sd_dir), "datasets": ["star", "star_val"], "device": "cpu"},
+        "train": {"methods": ["textual_inversion"]},
+        "evaluate": {"seeds_per_prompt": SEEDS, "steps": STEPS, "clip_model": f"{root}/clip", **evaluate},
+    }
+
+
+def eval_params(root, tiny_sd_dir, eval_dir=None, **evaluate):
+    return parse_params(eval_params_data(root, tiny_sd_dir, eval_dir, **evaluate))
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +114,9 @@ def test_every_model_is_a_row_with_its_files(summary, project):
     table = (project / "eval" / "summary.md").read_text()
     assert "| base |" in table and "| textual_inversion |" in table
     for name, metrics in summary.items():
-        assert json.loads((project / "eval" / name / "metrics.json").read_text()) == metrics
-        assert (project / "eval" / "grids" / f"{name}.png").is_file()
+        on_disk = json.loads((project / "eval" / "models" / name / "metrics.json").read_text())
+        assert on_disk == {key: value for key, value in metrics.items() if key != "prior_preservation"}
+        assert (project / "eval" / "grids" / name / f"{name}.png").is_file()
         assert metrics["images"] == (len(world.PRETRAIN_SHAPES) + 1) * len(world.COLORS) * SEEDS
         assert set(metrics) >= {"fidelity", "editability", "prior_preservation", "clip_t", "clip_i", "kid",
                                 "validation_loss", "style"}
@@ -170,3 +185,59 @@ def test_dino_features_are_the_normalized_cls_token(tmp_path):
     torch.testing.assert_close(features[0], torch.nn.functional.normalize(cls, dim=-1))
     with pytest.raises(SdpipeError, match="evaluate.dino_model"):
         DinoScorer(str(tmp_path / "missing"), torch.device("cpu"))
+
+
+def test_one_model_per_stage_and_the_scoreboard_reads_the_rows(summary, project, tiny_sd_dir):
+    """Re-scoring one model rewrites only its files; the scoreboard rebuilds the same rows from the files alone;
+    prior_preservation is relative to the base's row."""
+    params = eval_params(project, tiny_sd_dir)
+    base_file = project / "eval" / "models" / "base" / "metrics.json"
+    before = base_file.stat().st_mtime_ns
+    again = evaluate_model(params, "textual_inversion", torch.device("cpu"))
+    assert base_file.stat().st_mtime_ns == before
+    assert again == {key: value for key, value in summary["textual_inversion"].items() if key != "prior_preservation"}
+    assert summarize(params) == summary
+
+    base = json.loads(base_file.read_text())
+    base["joint_accuracy"] = 0.5  # a made-up base row: prior_preservation follows it
+    rows = {"base": base, "textual_inversion": dict(again)}
+    for name, metrics in rows.items():
+        (project / "scoreboard" / "models" / name).mkdir(parents=True, exist_ok=True)
+        (project / "scoreboard" / "models" / name / "metrics.json").write_text(json.dumps(metrics))
+    scored = summarize(eval_params(project, tiny_sd_dir, eval_dir=project / "scoreboard"))
+    assert scored["base"]["prior_preservation"] == 1.0
+    assert scored["textual_inversion"]["prior_preservation"] == round(again["joint_accuracy"] / 0.5, 4)
+
+
+def test_an_unknown_model_and_a_missing_row_are_refused(project, tiny_sd_dir, tmp_path):
+    params = eval_params(project, tiny_sd_dir)
+    with pytest.raises(SdpipeError, match=r"evaluate: no model 'lora'; expected base, a method of train.methods"):
+        evaluate_model(params, "lora", torch.device("cpu"))
+    with pytest.raises(SdpipeError, match=r"models/base/metrics.json: missing; run `dvc repro evaluate_base`"):
+        summarize(eval_params(project, tiny_sd_dir, eval_dir=tmp_path))
+
+
+def test_without_the_oracle_evaluate_imports_no_tiny_world_code(project, tiny_sd_dir, tmp_path):
+    """A real-model user's evaluate (evaluate.oracle: false) scores with CLIP and the validation loss only, and
+    never imports sdpipe.tinyworld (run in a fresh interpreter: this one has imported it for the fixtures)."""
+    data = eval_params_data(project, tiny_sd_dir, eval_dir=tmp_path / "eval", oracle=False)
+    (tmp_path / "params.json").write_text(json.dumps(data))
+    code = (
+        "import json, sys, torch\n"
+        "from sdpipe.config import parse_params\n"
+        "from sdpipe.evaluate import evaluate_models, write_summary\n"
+        f"params = parse_params(json.load(open({str(tmp_path / 'params.json')!r})))\n"
+        "rows = evaluate_models(params, torch.device('cpu'))\n"
+        "write_summary(rows, __import__('pathlib').Path(params.paths.eval))\n"
+        "print(json.dumps({'rows': rows, 'tinyworld': sorted(m for m in sys.modules if m.startswith('sdpipe.tinyworld'))}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["tinyworld"] == []
+    rows = report["rows"]
+    assert list(rows) == ["base", "textual_inversion"]
+    for name, metrics in rows.items():
+        assert set(metrics) == {"clip_t", "clip_i", "kid", "fid", "validation_loss", "images"}
+        assert metrics["images"] == len(world.COLORS) * SEEDS  # the concept prompts only
+        assert (tmp_path / "eval" / "grids" / name / f"{name}.png").is_file()
+    assert "prior_preservation" not in (tmp_path / "eval" / "summary.md").read_text()

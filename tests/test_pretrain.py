@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionImageVariationPipeline, StableDiffusionPipeline
 from transformers import CLIPModel
 
+from sdpipe import sampling
 from sdpipe.config.pretrain import PretrainParams
 from sdpipe.tinyworld import oracle, pretrain, scoring, world
 
@@ -91,7 +92,7 @@ def shipped_scores():
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     probes = scoring.color_shape_probes()
-    images = scoring.sample(pipe, [p.prompt for p in probes], seeds=[0, 1], steps=20)
+    images = sampling.sample(pipe, [p.prompt for p in probes], seeds=[0, 1], steps=20)
     assert images[0].size == (world.RESOLUTION, world.RESOLUTION)
     return scoring.score_probes(images, probes, seeds_per_probe=2)
 

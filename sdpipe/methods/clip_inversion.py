@@ -30,8 +30,8 @@ from sdpipe.errors import SdpipeError
 from sdpipe.io import save_safetensors
 from sdpipe.models.clip_image import ClipImageEncoder
 from sdpipe.models.loading import resolve_device
+from sdpipe.sampling import sample
 from sdpipe.tinyworld import oracle
-from sdpipe.tinyworld.scoring import sample
 from sdpipe.training import Models, TrainingMethod, run_training
 from sdpipe.training.datasets import method_datasets
 

@@ -38,7 +38,7 @@ from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, read_jsonl, save_safetensors, write_json
 from sdpipe.models.loading import load_pipeline, resolve_device, resolve_dtype
 from sdpipe.progress import log, track
-from sdpipe.tinyworld.scoring import image_grid
+from sdpipe.sampling import image_grid
 from sdpipe.training.datasets import method_datasets
 
 KEY = "train.null_text_inversion"
