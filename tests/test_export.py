@@ -264,3 +264,26 @@ def test_optimized_fp16_export_on_cuda(pipe, tmp_path):
     assert report["provider"] == "CUDAExecutionProvider"
     assert report["components"]["unet"]["fused_operators"].get("MultiHeadAttention", 0) > 0
     assert report["generation"]["mean_abs_pixel_diff"] < 0.05
+
+
+def test_a_model_with_one_file_per_tensor_is_gathered_into_weights_pb_one_tensor_at_a_time(pipe, tmp_path):
+    """Over 2 GB the TorchScript exporter writes each tensor to a file of its own: the export gathers them into one
+    `weights.pb` without loading the model, and onnxruntime runs the result like the original."""
+    import onnxruntime as ort
+
+    spec = onnx_export.graph_specs(pipe)["vae_decoder"]
+    inputs = onnx_export.example_inputs(pipe, "vae_decoder", torch.Generator().manual_seed(0))
+    raw = tmp_path / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    onnx_export.torch_export(spec, inputs, tmp_path / "plain.onnx", "torchscript", 17)
+    model = onnx.load(str(tmp_path / "plain.onnx"))
+    onnx.save_model(model, str(raw), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert onnx_export.has_external_data(raw) and len(list(raw.parent.iterdir())) > 10
+
+    (tmp_path / "out").mkdir()
+    onnx_export.gather_external_data(raw, tmp_path / "out" / "model.onnx")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["model.onnx", "weights.pb"]
+    feed = {name: tensor.numpy() for name, tensor in inputs.items()}
+    expected = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    actual = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    np.testing.assert_array_equal(actual[0], expected[0])

@@ -222,14 +222,17 @@ def export_component(
     inputs = example_inputs(pipe, component, generator)  # batch 2, so that the trace keeps the batch axis
     torch_export(spec, inputs, raw, settings.exporter, settings.opset)
     fused = {}
-    if settings.optimize:
-        model, fused = optimize_for_cuda(raw, component, fp16=settings.precision == "fp16")
-    else:
-        model = onnx.load(str(raw))
-        if settings.precision == "fp16":
-            model = convert_to_fp16(model)
     folder.mkdir()
-    save_onnx(model, folder / "model.onnx", always_external=settings.external_data == "always")
+    if not settings.optimize and settings.precision == "fp32" and has_external_data(raw):
+        gather_external_data(raw, folder / "model.onnx")  # over 2 GB: never the whole model in memory
+    else:
+        if settings.optimize:
+            model, fused = optimize_for_cuda(raw, component, fp16=settings.precision == "fp16")
+        else:
+            model = onnx.load(str(raw))
+            if settings.precision == "fp16":
+                model = convert_to_fp16(model)
+        save_onnx(model, folder / "model.onnx", always_external=settings.external_data == "always")
     module = pipe.text_encoder if component == "text_encoder" else pipe.unet if component == "unet" else pipe.vae
     (folder / "config.json").write_text(json.dumps(config_dict(module), indent=2, sort_keys=True) + "\n")
     return fused
@@ -278,6 +281,33 @@ def save_onnx(model: onnx.ModelProto, path: Path, always_external: bool) -> None
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def has_external_data(path: Path) -> bool:
+    """Whether the ONNX model at `path` keeps tensors in files beside it (the TorchScript exporter does over 2 GB)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
+
+
+def gather_external_data(raw: Path, path: Path) -> None:
+    """Writes the model at `raw`, whose tensors are files beside it, to `path` with every external tensor in one
+    `weights.pb` beside it, copying one tensor at a time (`onnx.load` would hold every weight in memory at once)."""
+    model = onnx.load(str(raw), load_external_data=False)
+    with open(path.parent / EXTERNAL_DATA_FILE, "wb") as weights:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            with open(raw.parent / info["location"], "rb") as source:
+                source.seek(int(info.get("offset", 0)))
+                data = source.read(int(info["length"])) if "length" in info else source.read()
+            offset = weights.tell()
+            weights.write(data)
+            del tensor.external_data[:]
+            for key, value in (("location", EXTERNAL_DATA_FILE), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(model, str(path))
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
