@@ -284,6 +284,8 @@ def test_a_model_with_one_file_per_tensor_is_gathered_into_weights_pb_one_tensor
     onnx_export.gather_external_data(raw, tmp_path / "out" / "model.onnx")
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["model.onnx", "weights.pb"]
     feed = {name: tensor.numpy() for name, tensor in inputs.items()}
-    expected = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
-    actual = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    expected, actual = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+        for path in (tmp_path / "plain.onnx", tmp_path / "out" / "model.onnx")
+    )
     np.testing.assert_array_equal(actual[0], expected[0])

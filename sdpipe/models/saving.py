@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from sdpipe.io import atomic_path, save_safetensors
+from sdpipe.io import DTYPES_BY_NAME, SafetensorsWriter, atomic_path
 
 TEXT_MODEL_PREFIX = "text_model."
 TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
@@ -45,9 +45,13 @@ def prefix_text_model_keys(component_folder: str | Path) -> None:
         raise NotImplementedError(f"{component_folder}: sharded text encoder weights")  # never at CLIP's sizes
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            keys, metadata = list(f.keys()), f.metadata()
-            if all(key.startswith(TEXT_MODEL_PREFIX) for key in keys):
+            if all(key.startswith(TEXT_MODEL_PREFIX) for key in f.keys()):  # noqa: SIM118
                 continue
-            tensors = {transformers4_text_key(key): f.get_tensor(key) for key in keys}
-        with atomic_path(path) as tmp:
-            save_safetensors(tensors, tmp, metadata)
+            originals = {transformers4_text_key(key): key for key in f.keys()}  # noqa: SIM118
+            layout = {
+                key: (tuple(f.get_slice(original).get_shape()), DTYPES_BY_NAME[f.get_slice(original).get_dtype()])
+                for key, original in originals.items()
+            }
+            with atomic_path(path) as tmp, SafetensorsWriter(tmp, layout, f.metadata()) as writer:
+                for key in writer.order:  # one tensor at a time: the model's copy in memory is all there is
+                    writer.write(key, f.get_tensor(originals[key]))
