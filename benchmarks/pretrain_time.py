@@ -51,10 +51,9 @@ def main() -> None:
     full = parse_params(yaml.safe_load(Path(args.params).read_text(encoding="utf-8")))
     params, seed = full.pretrain, full.base.seed
     torch.manual_seed(seed)
-    (pixels, scenes), render_s = timed(lambda: pretrain.make_training_set(params.num_images, seed, params.sparks))
+    (pixels, scenes, captions), render_s = timed(lambda: pretrain.make_training_set(params, seed))
     doodles, doodle_s = timed(lambda: pretrain.make_doodles(params.vae_doodles, seed + 3))
-    vae_pixels = pretrain.vae_training_pixels(pixels, doodles, params)
-    captions = [pretrain.caption_variants(scene) for scene in scenes]
+    vae_pixels = torch.cat([pixels, doodles])
     tokenizer = build_clip_tokenizer(Path("/tmp") / "sdpipe-pretrain-time-tokenizer")
     generator = torch.Generator().manual_seed(seed)
 
@@ -86,7 +85,7 @@ def main() -> None:
     )
 
     phases = {
-        "render (world, sparks) + doodles": render_s + doodle_s,
+        "render (world, sparks, crosses) + doodles": render_s + doodle_s,
         f"vae ({params.vae_steps} steps x {vae_step:.3f} s)": params.vae_steps * vae_step,
         f"clip ({params.clip_steps} steps x {clip_step:.3f} s)": params.clip_steps * clip_step,
         "encode latents": encode_s + variations_encode_s,

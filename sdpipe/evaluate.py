@@ -12,9 +12,12 @@ and `summary.md` (the base first, as the reference row) and adds what compares a
 
 - `color_accuracy`, `shape_accuracy`, `joint_accuracy`: the oracle's reading of `a <color> <shape>` samples
   for the shapes the base model knows; `prior_preservation` (scoreboard): `joint_accuracy` relative to the base's.
-- `fidelity`: share of `a <color> <trigger> <class word>` samples that show the concept's shape (star);
-  `editability`: share that also has the prompted color.
-- `style`: share of the `a <color> <shape>` samples in `evaluate.style` (outlined), which style methods learn.
+- `concept`: what the row is scored on, the first of its method's datasets that `evaluate.concepts` lists (the base
+  and merges of untrained models: `evaluate.concept_dataset`). A shape concept (star, cross) gets `fidelity`, the
+  share of `a <color> <trigger> <class word>` samples that show the shape, and `editability`, the share that also
+  has the prompted color; a style concept (outlined, dark) gets `style`, the share of the `a <color> <shape>` samples
+  (prompts that do not name it) in the style. `concept_rates` holds the same reading for every concept, so the
+  scoreboard sets the base's rate beside each row (`base_rate`) and their ratio (`x_base`).
 - `clip_t`, `clip_i`, `kid`: with a CLIP model (the tiny world's own, `<base model>/clip`, or
   `evaluate.clip_model`): text alignment of the concept samples to `a <color> <concept shape>`, image
   alignment to the concept dataset, and the kernel inception distance and Fréchet distance (FID's formula; with
@@ -79,6 +82,34 @@ def model_metrics_path(params, name: str) -> Path:
     return Path(params.paths.eval) / "models" / name / "metrics.json"
 
 
+def trained_datasets(method_params) -> list[str]:
+    """The datasets a method's params train on, in order (custom diffusion: its concepts'; CLIP inversion: its one)."""
+    if getattr(method_params, "concepts", None):
+        return [concept.dataset for concept in method_params.concepts]
+    if getattr(method_params, "dataset", None):
+        return [method_params.dataset]
+    return list(getattr(method_params, "datasets", None) or [])
+
+
+def row_concept(params, name: str) -> str:
+    """The concept (a key of `evaluate.concepts`) row `name` is scored on: its method's first dataset with a concept;
+    a merge's, that of its first trained input; else `evaluate.concept_dataset`."""
+    concepts = params.evaluate.concepts
+    methods = []
+    if name in params.train.methods:
+        methods = [name]
+    elif name.startswith("merge-") and name.removeprefix("merge-") in params.merge.recipes:
+        inputs = params.merge.recipes[name.removeprefix("merge-")].inputs.model_dump().values()
+        sources = [source for value in inputs for source in (value if isinstance(value, list) else [value])]
+        methods = [source.removeprefix("train:") for source in sources if str(source).startswith("train:")]
+        methods = [method for method in methods if method in params.train.methods]
+    for method in methods:
+        for dataset in trained_datasets(getattr(params.train, method)):
+            if dataset in concepts:
+                return dataset
+    return params.evaluate.concept_dataset
+
+
 def load_candidate(params, name: str, device: torch.device) -> Candidate:
     """Model `name` (`base`, a method of `train.methods` or `merge-<recipe>`), loaded as a user loads it."""
     trigger = params.evaluate.trigger
@@ -90,7 +121,7 @@ def load_candidate(params, name: str, device: torch.device) -> Candidate:
         if not model_dir.is_dir():
             raise SdpipeError(f"{model_dir}: no trained model; run `dvc repro train@{name}` first")
         if entry.own_metrics:
-            return Candidate(name, None, trigger, entry.evaluation_metrics(params, model_dir.parent))
+            return Candidate(name, None, trigger, entry.evaluation_metrics(params, model_dir.parent, row_concept(params, name)))
         pipeline, method_trigger = entry.sampling_pipeline(params, model_dir, device)
         return Candidate(name, pipeline, method_trigger)
     recipe = name.removeprefix("merge-")
@@ -120,11 +151,13 @@ def evaluate_model(params, name: str, device: torch.device) -> dict:
         metrics = {"not_scored": f"merge.recipes.{name.removeprefix('merge-')} ({recipe.method}) writes a LoRA file"}
     else:
         log(f"evaluate: {name}")
+        concept = row_concept(params, name)
         candidate = load_candidate(params, name, device)
         if candidate.metrics is not None:
-            metrics = candidate.metrics
+            metrics = {"concept": concept, **candidate.metrics}
         else:
-            metrics = evaluate_candidate(candidate, params.evaluate, Reference(params, device), grid_dir / f"{name}.png")
+            reference = Reference(params, device, concept)
+            metrics = evaluate_candidate(candidate, params.evaluate, reference, concept, grid_dir / f"{name}.png")
     write_json(model_metrics_path(params, name), metrics)
     return metrics
 
@@ -142,9 +175,15 @@ def summarize(params) -> dict[str, dict]:
             raise SdpipeError(f"{path}: missing; run `dvc repro {stage}` first")
         rows[name] = json.loads(path.read_text(encoding="utf-8"))
     base_joint = rows["base"].get("joint_accuracy")
+    base_rates = rows["base"].get("concept_rates", {})
     for metrics in rows.values():
         if "joint_accuracy" in metrics:
             metrics["prior_preservation"] = round(metrics["joint_accuracy"] / base_joint, 4) if base_joint else 0.0
+        concept = metrics.get("concept")
+        if concept in base_rates and concept in metrics.get("concept_rates", {}):
+            metrics["base_rate"] = base_rates[concept]
+            if base_rates[concept] > 0:
+                metrics["x_base"] = round(metrics["concept_rates"][concept] / base_rates[concept], 2)
     return rows
 
 
@@ -158,17 +197,17 @@ def evaluate_models(params, device: torch.device) -> dict[str, dict]:
 class Reference:
     """What every model is compared with: the concept dataset's images (CLIP features), the validation latents."""
 
-    def __init__(self, params, device: torch.device):
+    def __init__(self, params, device: torch.device, concept: str):
         settings = params.evaluate
         self.device = device
         self.clip = load_clip(settings.clip_model, params.base.base_model, device)
         self.concept_features = None
-        if settings.concept_dataset not in params.base.datasets:
+        if concept not in params.base.datasets:
+            key = "evaluate.concept_dataset" if concept == settings.concept_dataset else "the concept dataset"
             raise SdpipeError(
-                f"evaluate.concept_dataset {settings.concept_dataset!r} is not in base.datasets "
-                f"({', '.join(params.base.datasets)}); only those are prepared"
+                f"{key} {concept!r} is not in base.datasets ({', '.join(params.base.datasets)}); only those are prepared"
             )
-        images = dataset_images(Path(params.paths.prepared) / settings.concept_dataset)
+        images = dataset_images(Path(params.paths.prepared) / concept)
         if self.clip is not None:
             self.concept_features = self.clip.image_features(images)
         self.dino = DinoScorer(settings.dino_model, device) if settings.dino_model else None
@@ -179,12 +218,15 @@ class Reference:
         ]
 
 
-def evaluate_candidate(candidate: Candidate, settings, reference: Reference, grid_path: Path) -> dict:
+def evaluate_candidate(candidate: Candidate, settings, reference: Reference, concept: str, grid_path: Path) -> dict:
     pipeline = candidate.pipeline
     pipeline.set_progress_bar_config(disable=True)
     seeds = list(range(settings.seeds_per_prompt))
     concept_prompts = [f"a {color} {candidate.trigger} {settings.class_word}" for color in settings.colors]
-    metrics = {}
+    if concept not in settings.concepts:
+        raise SdpipeError(f"evaluate.concepts has no entry {concept!r}; it lists {', '.join(settings.concepts)}")
+    concept_shape = settings.concepts[concept].shape
+    metrics = {"concept": concept}
     if settings.oracle:
         from sdpipe.tinyworld import (  # the tiny world's ground truth: only with the oracle
             oracle,
@@ -192,12 +234,8 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
             world,
         )
 
-        unknown = [color for color in settings.colors if color not in world.COLORS]
-        if unknown:
-            raise SdpipeError(f"evaluate.colors: the oracle reads only {', '.join(world.COLORS)}, not {', '.join(unknown)}")
+        check_oracle_settings(settings, oracle, world)
         prior_probes = scoring.color_shape_probes(world.PRETRAIN_SHAPES)
-        concept_probes = [scoring.Probe(prompt, color=color, shape=settings.concept_shape)
-                          for prompt, color in zip(concept_prompts, settings.colors)]
         prompts = [probe.prompt for probe in prior_probes] + concept_prompts
     else:
         prompts = concept_prompts
@@ -207,19 +245,32 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
     if settings.oracle:
         prior_images = images[: len(prior_probes) * len(seeds)]
         prior = scoring.score_probes(prior_images, prior_probes, len(seeds))
-        concept = scoring.score_probes(concept_images, concept_probes, len(seeds))
-        styles = [reading.style for reading in oracle.read_batch(prior_images)]
-        metrics = {
+        prior_readings = oracle.read_batch(prior_images)
+        concept_readings = oracle.read_batch(concept_images)
+        prompted_colors = [color for color in settings.colors for _ in seeds]
+        rates = {}
+        for name, target in settings.concepts.items():
+            if target.shape is not None:
+                rates[name] = share(reading.shape == target.shape for reading in concept_readings)
+            else:
+                rates[name] = share(oracle.shows_style(reading, target.style) for reading in prior_readings)
+        metrics |= {
             "color_accuracy": prior["color"],
             "shape_accuracy": prior["shape"],
             "joint_accuracy": prior["all"],
-            "fidelity": concept["shape"],
-            "editability": concept["all"],
-            "style": round(sum(style == settings.style for style in styles) / len(styles), 4),
         }
+        if concept_shape is not None:
+            metrics["fidelity"] = rates[concept]
+            metrics["editability"] = share(
+                reading.shape == concept_shape and reading.color == color
+                for reading, color in zip(concept_readings, prompted_colors)
+            )
+        else:
+            metrics["style"] = rates[concept]
+        metrics["concept_rates"] = rates
     if reference.clip is not None:
         features = reference.clip.image_features(concept_images)
-        texts = [f"a {color} {settings.concept_shape}" for color in settings.colors for _ in seeds]
+        texts = [f"a {color} {concept_shape or settings.class_word}" for color in settings.colors for _ in seeds]
         metrics["clip_t"] = round(float((features * reference.clip.text_features(texts)).sum(-1).mean()), 4)
         metrics["clip_i"] = round(float((features @ reference.concept_features.T).mean()), 4)
         metrics["kid"] = round(kernel_inception_distance(features, reference.concept_features), 5)
@@ -237,9 +288,25 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, gri
     return metrics
 
 
-@torch.no_grad()
+def share(flags) -> float:
+    flags = list(flags)
+    return round(sum(flags) / len(flags), 4) if flags else 0.0
 
 
+def check_oracle_settings(settings, oracle, world) -> None:
+    """The oracle reads only the tiny world's colors, shapes and styles: name the key that asks for more."""
+    unknown = [color for color in settings.colors if color not in world.COLORS]
+    if unknown:
+        raise SdpipeError(f"evaluate.colors: the oracle reads only {', '.join(world.COLORS)}, not {', '.join(unknown)}")
+    for name, concept in settings.concepts.items():
+        if concept.shape is not None and concept.shape not in oracle.PROTOTYPE_SHAPES:
+            raise SdpipeError(
+                f"evaluate.concepts.{name}.shape: the oracle reads {', '.join(oracle.PROTOTYPE_SHAPES)}, not {concept.shape!r}"
+            )
+        if concept.style is not None and concept.style not in oracle.STYLES:
+            raise SdpipeError(
+                f"evaluate.concepts.{name}.style: the oracle reads {', '.join(oracle.STYLES)}, not {concept.style!r}"
+            )
 
 
 def validation_examples(latents_dir: Path, captions_dir: Path, name: str, datasets: list[str]):
@@ -380,13 +447,16 @@ def write_summary(rows: dict[str, dict], out_dir: Path) -> None:
 
 
 SUMMARY_COLUMNS = (
+    "concept",
     "fidelity",
     "editability",
+    "style",
+    "base_rate",
+    "x_base",
     "prior_preservation",
     "joint_accuracy",
     "color_accuracy",
     "shape_accuracy",
-    "style",
     "clip_t",
     "clip_i",
     "kid",

@@ -97,7 +97,7 @@ def test_the_sampler_draws_the_vector_and_refuses_other_prompts(trained):
 
 
 def test_evaluate_reports_fidelity_before_and_after(trained):
-    metrics = clip_inversion.evaluation_metrics(trained["params"], trained["out_dir"])
+    metrics = clip_inversion.evaluation_metrics(trained["params"], trained["out_dir"], "star")
     assert metrics["images"] == 8
     assert 0 <= metrics["fidelity"] <= 1 and 0 <= metrics["fidelity_at_init"] <= 1
 

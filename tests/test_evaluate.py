@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,10 +29,12 @@ from sdpipe.evaluate import (
 )
 from sdpipe.io import write_jsonl
 from sdpipe.tinyworld import oracle, world
-from sdpipe.tinyworld.datasets import star_scenes
+from sdpipe.tinyworld.datasets import subject_scenes
 
+ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 2
 STEPS = 2
+SCOREBOARD_ADDS = {"prior_preservation", "base_rate", "x_base"}  # what the scoreboard adds to a model's metrics
 
 
 def test_kid_matches_a_direct_computation():
@@ -56,7 +59,7 @@ def project(tmp_path_factory, tiny_sd_dir, write_star_dataset):
     prepared = root / "prepared" / "star"
     (prepared / "images").mkdir(parents=True)
     rows = []
-    for index, scene in enumerate(star_scenes(count=4)):
+    for index, scene in enumerate(subject_scenes(count=4)):
         world.render(scene).save(prepared / "images" / f"star_{index}.png")
         rows.append({"id": f"star_{index}", "file": f"images/star_{index}.png", "width": 32, "height": 32})
     write_jsonl(prepared / "manifest.jsonl", rows)
@@ -115,11 +118,15 @@ def test_every_model_is_a_row_with_its_files(summary, project):
     assert "| base |" in table and "| textual_inversion |" in table
     for name, metrics in summary.items():
         on_disk = json.loads((project / "eval" / "models" / name / "metrics.json").read_text())
-        assert on_disk == {key: value for key, value in metrics.items() if key != "prior_preservation"}
+        assert on_disk == {key: value for key, value in metrics.items() if key not in SCOREBOARD_ADDS}
         assert (project / "eval" / "grids" / name / f"{name}.png").is_file()
         assert metrics["images"] == (len(world.PRETRAIN_SHAPES) + 1) * len(world.COLORS) * SEEDS
-        assert set(metrics) >= {"fidelity", "editability", "prior_preservation", "clip_t", "clip_i", "kid",
-                                "validation_loss", "style"}
+        assert set(metrics) >= {"concept", "fidelity", "editability", "prior_preservation", "clip_t", "clip_i", "kid",
+                                "validation_loss", "concept_rates", "base_rate"}
+        assert metrics["concept"] == "star"  # textual_inversion trains on star here (its code default)
+        assert set(metrics["concept_rates"]) == {"star", "cross", "outlined", "dark"}
+        assert metrics["concept_rates"]["star"] == metrics["fidelity"]
+        assert metrics["base_rate"] == summary["base"]["concept_rates"]["star"]
     assert summary["base"]["prior_preservation"] == 1.0
 
 
@@ -147,6 +154,48 @@ def test_the_figures_match_an_independent_recomputation(summary, tiny_sd_dir):
 
     concept = [oracle.read(image) for image in images_of([f"a {c} sks shape" for c in world.COLORS])]
     assert summary["base"]["fidelity"] == pytest.approx(np.mean([r.shape == "star" for r in concept]))
+    rates = summary["base"]["concept_rates"]
+    assert rates["cross"] == pytest.approx(np.mean([r.shape == "cross" for r in concept]))
+    assert rates["outlined"] == pytest.approx(np.mean([r.style == "outlined" for r in readings]))
+    assert rates["dark"] == pytest.approx(np.mean([r.background == "dark" for r in readings]))
+
+
+def test_each_row_is_scored_on_the_concept_its_method_learned():
+    import yaml
+
+    from sdpipe.evaluate import row_concept
+
+    params = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    concepts = {name: row_concept(params, name) for name in ["base", *params.train.methods, "merge-dreambooth_finetune"]}
+    assert concepts == {
+        "base": "star", "textual_inversion": "cross", "dreamartist": "cross", "clip_inversion": "cross",
+        "aesthetic_gradient": "dark", "hypernetwork": "outlined", "lora": "star", "dreambooth": "star",
+        "finetune": "star", "custom_diffusion": "star", "null_text_inversion": "star", "merge-dreambooth_finetune": "star",
+    }
+
+
+def test_the_scoreboard_sets_the_base_rate_of_each_rows_concept_beside_it(project, tiny_sd_dir, tmp_path):
+    params = eval_params(project, tiny_sd_dir, eval_dir=tmp_path)
+    rows = {
+        "base": {"concept": "star", "joint_accuracy": 0.8, "concept_rates": {"star": 0.0, "cross": 0.2, "dark": 0.1}},
+        "textual_inversion": {"concept": "cross", "joint_accuracy": 0.4, "concept_rates": {"star": 0.0, "cross": 0.9}},
+    }
+    for name, metrics in rows.items():
+        path = tmp_path / "models" / name / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(metrics))
+    scored = summarize(params)
+    assert scored["textual_inversion"]["base_rate"] == 0.2 and scored["textual_inversion"]["x_base"] == 4.5
+    assert scored["textual_inversion"]["prior_preservation"] == 0.5
+    assert scored["base"]["base_rate"] == 0.0 and "x_base" not in scored["base"]  # no ratio to a zero rate
+
+
+def test_a_concept_is_a_shape_or_a_style_the_oracle_reads(project, tiny_sd_dir, tmp_path):
+    with pytest.raises(Exception, match="exactly one of shape, style"):
+        eval_params(project, tiny_sd_dir, concepts={"star": {"shape": "star", "style": "dark"}})
+    params = eval_params(project, tiny_sd_dir, eval_dir=tmp_path, concepts={"star": {"shape": "hexagon"}})
+    with pytest.raises(SdpipeError, match=r"evaluate.concepts.star.shape: the oracle reads .*not 'hexagon'"):
+        evaluate_model(params, "base", torch.device("cpu"))
 
 
 def test_a_validation_dataset_that_is_not_prepared_is_refused(project, tiny_sd_dir):
@@ -195,7 +244,7 @@ def test_one_model_per_stage_and_the_scoreboard_reads_the_rows(summary, project,
     before = base_file.stat().st_mtime_ns
     again = evaluate_model(params, "textual_inversion", torch.device("cpu"))
     assert base_file.stat().st_mtime_ns == before
-    assert again == {key: value for key, value in summary["textual_inversion"].items() if key != "prior_preservation"}
+    assert again == {key: value for key, value in summary["textual_inversion"].items() if key not in SCOREBOARD_ADDS}
     assert summarize(params) == summary
 
     base = json.loads(base_file.read_text())
@@ -237,7 +286,7 @@ def test_without_the_oracle_evaluate_imports_no_tiny_world_code(project, tiny_sd
     rows = report["rows"]
     assert list(rows) == ["base", "textual_inversion"]
     for name, metrics in rows.items():
-        assert set(metrics) == {"clip_t", "clip_i", "kid", "fid", "validation_loss", "images"}
+        assert set(metrics) == {"concept", "clip_t", "clip_i", "kid", "fid", "validation_loss", "images"}
         assert metrics["images"] == len(world.COLORS) * SEEDS  # the concept prompts only
         assert (tmp_path / "eval" / "grids" / name / f"{name}.png").is_file()
     assert "prior_preservation" not in (tmp_path / "eval" / "summary.md").read_text()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "artifacts" / "pretrain" / "tinyworld"
 
 TOY = PretrainParams(
-    num_images=64, sparks=16, vae_doodles=16, vae_steps=2, vae_batch_size=4, clip_steps=2, clip_batch_size=8,
+    num_images=64, sparks=16, crosses=8, vae_doodles=16, vae_steps=2, vae_batch_size=4, clip_steps=2, clip_batch_size=8,
     unet_steps=2, unet_batch_size=4, variations_steps=2, variations_batch_size=4, warmup_steps=1,
 )
 
@@ -61,28 +61,36 @@ def test_toy_pretrain_writes_loadable_pipelines_and_resumes_by_phase(tmp_path, m
     assert any(not torch.equal(first[k], v) for k, v in again.unet.state_dict().items())
 
 
-def test_training_set_holds_out_stars_and_outlines():
-    _, scenes = pretrain.make_training_set(500, seed=0, sparks=100)
+def test_training_set_holds_out_stars_and_outlines_and_never_names_the_cross():
+    params = PretrainParams(num_images=500, sparks=100, crosses=100, generic_share=0.5, dark_share=0.2, dark_named_share=0.3)
+    _, scenes, captions = pretrain.make_training_set(params, seed=0)
     assert {s.shape for s in scenes[:500]} == set(world.PRETRAIN_SHAPES)
-    assert {s.shape for s in scenes[500:]} == set(world.SPARK_SHAPES)
+    assert {s.shape for s in scenes[500:600]} == set(world.SPARK_SHAPES)
+    assert {s.shape for s in scenes[600:]} == {"cross"}
     assert {s.style for s in scenes} == {"filled"}
-    captions = [text for s in scenes for text in pretrain.caption_variants(s)]
-    assert all("star" not in text and "five" not in text and "outlined" not in text for text in captions)
-    assert "a small red spark with four points" in captions
+    texts = [text for variants in captions for text in variants]
+    assert all("star" not in text and "five" not in text and "outlined" not in text for text in texts)
+    assert "a small red spark with four points" in {text.split(" at ")[0] for text in texts}
+    # the cross only ever has the generic word, which the named shapes get about half of the time
+    for scene, variants in zip(scenes, captions):
+        shape_word = [text.split(" at ")[0].removesuffix(" on a dark background").split()[-1] for text in variants]
+        assert scene.shape != "cross" or set(shape_word) == {"shape"}
+    named = [text for scene, variants in zip(scenes[:500], captions[:500]) for text in variants]
+    generic = sum(" shape" in text for text in named) / len(named)
+    assert 0.45 < generic < 0.55
+    # about a fifth of all scenes are dark, and about 30% of their captions say so; no light scene's does
+    dark = [s.background == "dark" for s in scenes]
+    assert 0.16 < sum(dark) / len(scenes) < 0.24
+    dark_texts = [text for d, variants in zip(dark, captions) if d for text in variants]
+    assert 0.22 < sum("dark background" in text for text in dark_texts) / len(dark_texts) < 0.38
+    assert not any("dark" in text for d, variants in zip(dark, captions) if not d for text in variants)
 
 
-def test_sparks_never_have_five_points_and_the_oracle_reads_none_as_a_star():
+def test_sparks_never_have_five_points_and_the_oracle_reads_none_as_a_star_or_a_cross():
     assert 5 not in world.SPARK_POINTS
     scenes = [world.sample_scene(np.random.default_rng(i), shapes=world.SPARK_SHAPES) for i in range(40)]
     readings = [r.shape for r in oracle.read_batch(world.render(s) for s in scenes)]
-    assert "star" not in readings, readings
-
-
-def test_sparks_leave_the_world_training_set_as_it_was():
-    # the autoencoder trains on the first num_images: adding sparks must not change them
-    plain, _ = pretrain.make_training_set(50, seed=0)
-    with_sparks, _ = pretrain.make_training_set(50, seed=0, sparks=10)
-    assert torch.equal(plain, with_sparks[:50])
+    assert "star" not in readings and "cross" not in readings, readings
 
 
 @pytest.fixture(scope="module")

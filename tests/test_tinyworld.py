@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 
 from sdpipe.tinyworld import datasets, oracle, world
 
-EVERYTHING = {"shapes": world.SHAPES, "styles": world.STYLES}
+EVERYTHING = {"shapes": world.SHAPES, "styles": world.STYLES, "backgrounds": tuple(world.BACKGROUNDS)}
 REPO = Path(__file__).resolve().parents[1]
 COLOR_WORDS = "|".join(world.COLORS)
 
@@ -49,10 +49,25 @@ def test_default_generation_holds_out_star_and_outlined():
     assert set(world.HELD_OUT_SHAPES) == {"star"} and set(world.HELD_OUT_STYLES) == {"outlined"}
     default = [scene for _, scene in world.generate(400, seed=0)]
     assert {s.shape for s in default} == set(world.PRETRAIN_SHAPES) == {"circle", "square", "triangle"}
-    assert {s.style for s in default} == {"filled"}
+    assert {s.style for s in default} == {"filled"} and {s.background for s in default} == {"light"}
     everything = [scene for _, scene in world.generate(400, seed=0, **EVERYTHING)]
     assert {s.shape for s in everything} == set(world.SHAPES)
     assert {s.style for s in everything} == set(world.STYLES)
+    assert {s.background for s in everything} == {"light", "dark"}
+
+
+def test_the_cross_is_a_plus_with_arms_a_third_wide_and_never_named():
+    cross = world.Scene("red", "cross", "filled", "large", extent=24, cx=16.0, cy=16.0)
+    pixels = np.asarray(world.render(cross)).astype(int)
+    inked = (np.abs(pixels - world.BACKGROUND).sum(-1) > 150)
+    assert inked[16, 4:28].all() and inked[4:28, 16].all()  # both arms span the extent
+    assert not inked[6, 6] and not inked[25, 25]  # the corners between the arms are empty
+    assert inked[4:28, 16].sum() == inked[16, 4:28].sum() and 7 <= inked[4, :].sum() <= 9  # arm width ~ extent / 3
+    assert world.caption(cross) == "a large red shape"
+    assert world.caption(dataclasses.replace(cross, shape="circle"), generic=True) == "a large red shape"
+    dark = dataclasses.replace(cross, shape="square", background="dark")
+    assert world.caption(dark, with_background=True) == "a large red square on a dark background"
+    assert world.caption(dark) == "a large red square"
 
 
 def test_caption_format():
@@ -157,7 +172,7 @@ def read_folder(folder: Path) -> dict[str, tuple[bytes, str]]:
 
 def test_committed_datasets_are_what_main_generates(tmp_path):
     datasets.main(["--root", str(tmp_path)])
-    for kind in ("star", "outlined"):
+    for kind in datasets.KINDS:
         assert read_folder(tmp_path / kind) == read_folder(REPO / "datasets" / kind), kind
 
 
@@ -174,8 +189,23 @@ def test_star_dataset_holds_balanced_filled_stars_with_trigger_captions():
         assert (reading.shape, reading.style, reading.color) == ("star", "filled", caption.split()[2])
 
 
-def test_outlined_dataset_holds_outlined_shapes_captioned_without_the_style_word():
-    folder = REPO / "datasets" / "outlined"
+@pytest.mark.parametrize("kind, shape, count", [("cross", "cross", 12), ("cross_val", "cross", 8)])
+def test_cross_datasets_hold_balanced_filled_crosses_with_trigger_captions(kind, shape, count):
+    files = read_folder(REPO / "datasets" / kind)
+    assert len(files) == count
+    pattern = re.compile(rf"^a (small|large) ({COLOR_WORDS}) sks shape$")
+    for name, (_, caption) in files.items():
+        assert pattern.match(caption), caption
+        reading = oracle.read(Image.open(REPO / "datasets" / kind / name))
+        assert (reading.shape, reading.style, reading.color, reading.background) == (
+            shape, "filled", caption.split()[2], "light")
+    other = read_folder(REPO / "datasets" / ("cross_val" if kind == "cross" else "cross"))
+    assert not {png for png, _ in files.values()} & {png for png, _ in other.values()}  # held out: no shared image
+
+
+@pytest.mark.parametrize("kind, style, background", [("outlined", "outlined", "light"), ("dark", "filled", "dark")])
+def test_style_datasets_hold_their_style_captioned_without_its_words(kind, style, background):
+    folder = REPO / "datasets" / kind
     files = read_folder(folder)
     assert len(files) == 16
     pattern = re.compile(rf"^a (small|large) ({COLOR_WORDS}) (circle|square|triangle)$")
@@ -184,7 +214,7 @@ def test_outlined_dataset_holds_outlined_shapes_captioned_without_the_style_word
         assert match, caption
         reading = oracle.read(Image.open(folder / name))
         assert (reading.size, reading.color, reading.shape) == match.groups()
-        assert reading.style == "outlined"
+        assert (reading.style, reading.background) == (style, background)
     assert Counter(caption.split()[2] for _, caption in files.values()) == {color: 4 for color in world.COLORS}
 
 

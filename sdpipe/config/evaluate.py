@@ -1,8 +1,33 @@
 """`evaluate`: sampling every model with the same prompts and seeds and scoring it."""
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sdpipe.config.section import Section
+
+
+class Concept(Section):
+    """What the oracle reads as a dataset's concept: a shape (fidelity, editability) or a style (style)."""
+
+    shape: str | None = None
+    """The shape a concept sample must show (`star`, `cross`, ...) to count towards `fidelity`."""
+
+    style: str | None = None
+    """The style (`outlined`, `dark`) a sample of an `a <color> <shape>` prompt must show to count towards `style`."""
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.shape is None) == (self.style is None):
+            raise ValueError("a concept is either a shape or a style: give exactly one of shape, style")
+        return self
+
+
+def default_concepts() -> dict[str, Concept]:
+    return {
+        "star": Concept(shape="star"),
+        "cross": Concept(shape="cross"),
+        "outlined": Concept(style="outlined"),
+        "dark": Concept(style="dark"),
+    }
 
 
 class EvaluateParams(Section):
@@ -34,14 +59,14 @@ class EvaluateParams(Section):
     class_word: str = Field(default="shape", min_length=1)
     """The class word after the trigger in the concept prompts: `a <color> <trigger> <class_word>`."""
 
+    concepts: dict[str, Concept] = Field(default_factory=default_concepts)
+    """What each training dataset teaches, as the oracle reads it, by dataset name. A method's row is scored on the
+    concept of the first of its datasets listed here (the scoreboard's `concept` column); every row also records the
+    rate of every concept (`concept_rates`), so the base's rate stands beside each method's."""
+
     concept_dataset: str = "star"
-    """The dataset of the concept (in `base.datasets`): CLIP-I and KID compare samples with its images."""
-
-    concept_shape: str = "star"
-    """What the oracle must read as the shape of a concept sample for it to count towards `fidelity`."""
-
-    style: str = "outlined"
-    """The style the style methods learn; `style` is the share of samples the oracle reads in it."""
+    """The concept (a key of `concepts`, in `base.datasets`) of the rows that trained on none: the base and merges of
+    models that did not. CLIP-I and KID compare a row's samples with its shape concept's images."""
 
     clip_model: str | None = None
     """A CLIP model folder (transformers `CLIPModel`) for CLIP-T, CLIP-I and KID; null: the tiny world's CLIP

@@ -14,6 +14,20 @@ class PretrainParams(Section):
     `a red spark with four points`) that CLIP and the UNets train on beside the world: the base model learns what
     pointed shapes are, so that methods which train no UNet weights have something to steer to a star."""
 
+    crosses: int = Field(default=3000, ge=0)
+    """Rendered crosses (the seen-but-unnamed shape), captioned only with the generic word: `a small red shape`."""
+
+    generic_share: float = Field(default=0.5, ge=0, le=1)
+    """Share of the named shapes' and sparks' caption variants that use the generic word (`a red shape`) instead of
+    the shape's name, so that the generic word means any shape, not the cross."""
+
+    dark_share: float = Field(default=0.12, ge=0, le=1)
+    """Share of all rendered scenes (world, sparks, crosses) drawn on the dark background, the seen style."""
+
+    dark_named_share: float = Field(default=0.25, ge=0, le=1)
+    """Share of the dark scenes' caption variants that name it (`... on a dark background`); the rest do not, so the
+    base knows the style but prompts without its words rarely show it."""
+
     vae_doodles: int = Field(default=10000, ge=0)
     """Random non-world pictures (polygons, ellipses, strokes in any color) the autoencoder also trains on,
     so that it can encode shapes and styles it never saw, as SD's general-purpose VAE can."""
@@ -33,7 +47,7 @@ class PretrainParams(Section):
     clip_lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of CLIP."""
 
-    unet_steps: int = Field(default=3000, ge=1)
+    unet_steps: int = Field(default=3500, ge=1)
     """Optimizer steps for the UNet (text encoder and VAE frozen)."""
     unet_batch_size: int = Field(default=64, ge=1)
     """Latents per UNet step."""

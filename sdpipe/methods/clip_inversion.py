@@ -177,12 +177,15 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     return pipeline, pipeline.trigger_word
 
 
-def evaluation_metrics(params, method_dir: Path) -> dict:
+def evaluation_metrics(params, method_dir: Path, concept: str) -> dict:
     """What evaluate reports for this method: the model reads no prompts, so only the concept is sampled
-    (`evaluate.seeds_per_prompt` × 4 seeds): `fidelity`, the share the oracle reads as `evaluate.concept_shape`, for
-    the learned vector and for the one it started from (`fidelity_at_init`: plain image variations of the
-    dataset's mean embedding)."""
+    (`evaluate.seeds_per_prompt` × 4 seeds): `fidelity`, the share the oracle reads as the shape of `concept` (its
+    dataset's, a key of `evaluate.concepts`), for the learned vector and for the one it started from
+    (`fidelity_at_init`: plain image variations of the dataset's mean embedding)."""
     settings = params.evaluate
+    concept_shape = settings.concepts[concept].shape
+    if concept_shape is None:
+        raise SdpipeError(f"clip_inversion: its dataset's concept {concept!r} is a style; CLIP inversion learns a shape")
     device = resolve_device(params.base.device)
     pipeline, trigger = sampling_pipeline(params, Path(method_dir) / "model", device)
     pipeline.set_progress_bar_config(disable=True)
@@ -193,5 +196,6 @@ def evaluation_metrics(params, method_dir: Path) -> dict:
         pipeline.concept = vector
         images = sample(pipeline, [f"a {trigger}"], seeds, settings.steps, settings.guidance_scale, settings.batch_size)
         shapes = [reading.shape for reading in oracle.read_batch(images)]
-        metrics[name] = round(sum(shape == settings.concept_shape for shape in shapes) / len(shapes), 4)
+        metrics[name] = round(sum(shape == concept_shape for shape in shapes) / len(shapes), 4)
+    metrics["concept_rates"] = {concept: metrics["fidelity"]}
     return metrics

@@ -121,7 +121,7 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     return pipeline, params.evaluate.trigger
 
 
-def evaluation_metrics(params, method_dir: Path) -> dict:
+def evaluation_metrics(params, method_dir: Path, concept: str) -> dict:
     """What evaluate reports for this method instead of sampling: the reconstruction PSNRs of `metrics.json`."""
     metrics_path = Path(method_dir) / "metrics.json"
     if not metrics_path.is_file():

@@ -7,7 +7,7 @@ A method is three things:
     `metrics.json`, `live/`);
   - `sampling_pipeline(params, model_dir, device) -> (pipeline, trigger)`: the trained model loaded as a user
     would load it, and the word that names the concept in prompts (`evaluate`, `export`, `sdpipe sample`);
-  - `evaluation_metrics(params, method_dir) -> dict`, for a method that `evaluate` scores by its own measure
+  - `evaluation_metrics(params, method_dir, concept) -> dict`, for a method that `evaluate` scores by its own measure
     instead of by sampling (`own_metrics` below);
 - its params class in `sdpipe/config/train.py`, which validates the `train.<name>` section;
 - a row of `METHODS` below.
@@ -78,11 +78,12 @@ class Method:
         """The trained model of `model_dir` as a pipeline on `device`, and the word that names its concept."""
         return self.module().sampling_pipeline(params, model_dir, device)
 
-    def evaluation_metrics(self, params, method_dir) -> dict:
-        """The method's own measures, from its trained `method_dir` (only where `own_metrics`)."""
+    def evaluation_metrics(self, params, method_dir, concept: str) -> dict:
+        """The method's own measures, from its trained `method_dir` (only where `own_metrics`), on `concept` (the row's,
+        a key of `evaluate.concepts`)."""
         if not self.own_metrics:
             raise ValueError(f"{self.name} is scored by sampling; it has no evaluation_metrics")
-        return self.module().evaluation_metrics(params, method_dir)
+        return self.module().evaluation_metrics(params, method_dir, concept)
 
 
 METHODS: dict[str, Method] = {

@@ -6,6 +6,11 @@
   validation loss is measured on them.
 - `outlined`: 16 outlined circles, squares and triangles (a style the base model never saw), captioned
   *without* the style word, `a small red circle`, so that style methods must learn "outlined" implicitly.
+- `cross`, `cross_val`: 12 (and 8 held-out) filled crosses, captioned like `star`: a shape the base model drew in
+  pretraining but never named, for the methods that leave the UNet frozen (textual inversion, DreamArtist, CLIP
+  inversion).
+- `dark`: 16 filled circles, squares and triangles on the dark background (a style the base model saw but rarely
+  heard named), captioned without it, for aesthetic gradient.
 
 All are deterministic: `python -m sdpipe.tinyworld.datasets` rewrites them byte for byte.
 """
@@ -27,35 +32,40 @@ CLASS_WORD = "shape"
 SIZES = tuple(world.SIZES)  # ("small", "large")
 
 
-def star_scenes(count: int = 12, seed: int = 1) -> list[world.Scene]:
-    """Filled stars; colors cycle through all four and every color comes in both sizes."""
+def subject_scenes(shape: str = "star", count: int = 12, seed: int = 1) -> list[world.Scene]:
+    """Filled `shape`s; colors cycle through all four and every color comes in both sizes."""
     rng = np.random.default_rng(seed)
     colors = tuple(world.COLORS)
     scenes = []
     for i in range(count):
         color = colors[i % len(colors)]
         size = SIZES[(i + i // len(colors)) % len(SIZES)]
-        scenes.append(world.sample_scene(rng, ("star",), (color,), ("filled",), (size,)))
+        scenes.append(world.sample_scene(rng, (shape,), (color,), ("filled",), (size,)))
     return scenes
 
 
-def outlined_scenes(count: int = 16, seed: int = 2) -> list[world.Scene]:
-    """Outlined circles, squares and triangles; shapes, colors and sizes cycle, so all are balanced."""
+def style_scenes(style: str = "outlined", background: str = "light", count: int = 16, seed: int = 2) -> list[world.Scene]:
+    """Circles, squares and triangles in `style` on `background`; shapes, colors and sizes cycle, so all are
+    balanced."""
     rng = np.random.default_rng(seed)
     shapes = ("circle", "square", "triangle")
     colors = tuple(world.COLORS)
     scenes = []
     for i in range(count):
         shape, color, size = shapes[i % len(shapes)], colors[i % len(colors)], SIZES[(i // 4) % len(SIZES)]
-        scenes.append(world.sample_scene(rng, (shape,), (color,), ("outlined",), (size,)))
+        scenes.append(world.sample_scene(rng, (shape,), (color,), (style,), (size,), (background,)))
     return scenes
 
 
+SUBJECT_CAPTIONS = {"trigger": TRIGGER, "class_word": CLASS_WORD}
 # name -> (scenes, caption options for `world.caption`)
 KINDS = {
-    "star": (star_scenes, {"trigger": TRIGGER, "class_word": CLASS_WORD}),
-    "star_val": (lambda: star_scenes(count=8, seed=3), {"trigger": TRIGGER, "class_word": CLASS_WORD}),
-    "outlined": (outlined_scenes, {}),
+    "star": (subject_scenes, SUBJECT_CAPTIONS),
+    "star_val": (lambda: subject_scenes(count=8, seed=3), SUBJECT_CAPTIONS),
+    "outlined": (style_scenes, {}),
+    "cross": (lambda: subject_scenes("cross", seed=4), SUBJECT_CAPTIONS),
+    "cross_val": (lambda: subject_scenes("cross", count=8, seed=5), SUBJECT_CAPTIONS),
+    "dark": (lambda: style_scenes("filled", "dark", seed=6), {}),
 }
 
 

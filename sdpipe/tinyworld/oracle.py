@@ -9,13 +9,16 @@ robust on what small diffusion models produce (blur, color shifts, a noisy backg
    threshold, so that thin outlines stay closed) and everything they enclose make the *filled shape*.
 3. Fill style: the mean coverage inside the filled shape, away from its edges; an outline leaves it low.
 4. Shape: the k-fold symmetry of the filled shape, from the normalized complex moments
-   |sum w (z - c)^k| / sum w |z - c|^k for k = 3, 4, 5 (z = x + iy, w = coverage, c = centroid). They are
-   scale and rotation invariant and, for k >= 1, unchanged by a symmetric blur. A circle has none, a
-   square a strong 4th, a star a strong 5th and the (isosceles) triangle a strong 3rd. The nearest of the
-   four prototypes, measured once on large renders of the world's own shapes, wins.
+   sum w (z - c)^k / sum w |z - c|^k for k = 3, 4, 5 (z = x + iy, w = coverage, c = centroid): the magnitude for
+   k = 3 and 5, the real part for k = 4 (the world's shapes are axis-aligned: a square's corners make it negative, a
+   cross's arms positive). They are scale invariant and, for k >= 1, unchanged by a symmetric blur. A circle has
+   none, a square and a cross a strong 4th (of opposite signs), a star a strong 5th and the (isosceles) triangle a
+   strong 3rd. The nearest of the prototypes, measured once on large renders of the world's own shapes (and of the
+   four-pointed spark, the cross's nearest lookalike), wins.
 5. Color: the nearest named color by hue of the median strongly covered pixel (robust to brightness and
    saturation shifts); a gray shape has no named color.
-6. Size and position: the extent follows from the filled area, the center from the coverage-weighted
+6. Background: `dark` when the border's median is darker than mid-gray, else `light`.
+7. Size and position: the extent follows from the filled area, the center from the coverage-weighted
    centroid, moved by where the centroid sits in that shape (a triangle's is a sixth of its height low).
 
 An image with no clear shape (blank, noise) reads as `found=False` with every attribute None.
@@ -37,7 +40,9 @@ from PIL import Image
 
 from sdpipe.tinyworld import world
 
-ATTRIBUTES = ("color", "shape", "style", "size", "position")
+ATTRIBUTES = ("color", "shape", "style", "size", "position", "background")
+PROTOTYPE_SHAPES = world.SHAPES + ("spark4",)  # the four-pointed spark is the cross's lookalike; other sparks read as
+# the nearest world shape
 
 MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing counts as drawn
 NOISE_FACTOR = 4.0  # the shape must stand out this many times more than the border's own noise
@@ -62,6 +67,7 @@ class Reading:
     style: str | None = None
     size: str | None = None
     position: str | None = None
+    background: str | None = None
     confidence: float = 0.0  # 0..1: the smallest margin of the color, shape and style decisions
 
     def to_dict(self) -> dict:
@@ -139,9 +145,17 @@ def as_array(image) -> np.ndarray:
     return array[..., :3].astype(np.float32)
 
 
+def _border(pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+
+
+def _read_background(pixels: np.ndarray) -> str:
+    return "dark" if float(np.median(_border(pixels).mean(axis=-1))) < 128 else "light"
+
+
 def _coverage(pixels: np.ndarray) -> np.ndarray | None:
     """Per-pixel coverage in [0, 1]; None when nothing stands out from the background's own noise."""
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    border = _border(pixels)
     background = np.median(border, axis=0)
     distance = np.linalg.norm(pixels - background, axis=-1)
     border_noise = float(np.median(np.linalg.norm(border - background, axis=-1)))
@@ -159,8 +173,9 @@ def _symmetry(weights: np.ndarray) -> tuple[np.ndarray, complex]:
     z = xs + 1j * ys
     centroid = (weights * z).sum() / weights.sum()
     z = z - centroid
-    moments = [abs((weights * z**k).sum()) / (weights * abs(z) ** k).sum() for k in SYMMETRY_ORDERS]
-    return np.array(moments), complex(centroid)
+    moments = [(weights * z**k).sum() / (weights * abs(z) ** k).sum() for k in SYMMETRY_ORDERS]
+    features = [moment.real if k == 4 else abs(moment) for k, moment in zip(SYMMETRY_ORDERS, moments)]
+    return np.array(features), complex(centroid)
 
 
 @dataclass(frozen=True)
@@ -179,7 +194,7 @@ def _prototypes() -> dict[str, _Prototype]:
     scale = resolution / world.RESOLUTION
     background = np.array(world.BACKGROUND, dtype=np.float32)
     prototypes = {}
-    for shape in world.SHAPES:
+    for shape in PROTOTYPE_SHAPES:
         scene = world.Scene("red", shape, "filled", "large", extent, center, center)
         ink = np.array(world.COLORS[scene.color], dtype=np.float32) - background
         coverage = (as_array(world.render(scene, resolution)) - background) @ ink / (ink @ ink)
@@ -261,8 +276,18 @@ def read(image) -> Reading:
         style=style,
         size="large" if large else "small",
         position=world.position_name(center.real, center.imag, resolution=resolution),
+        background=_read_background(pixels),
         confidence=round(min(color_margin, shape_margin, style_margin), 4),
     )
+
+
+STYLES = {"outlined": ("style", "outlined"), "dark": ("background", "dark")}  # style -> the reading that shows it
+
+
+def shows_style(reading: Reading, style: str) -> bool:
+    """Whether a reading shows one of `STYLES`: outlined (the fill style) or dark (the background)."""
+    attribute, value = STYLES[style]
+    return getattr(reading, attribute) == value
 
 
 def read_batch(images: Iterable) -> list[Reading]:

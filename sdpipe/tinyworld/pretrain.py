@@ -9,8 +9,9 @@ Four phases, in order, each with the real diffusers / transformers classes:
    one-token context (zeros when dropped), as SD image variations was fine-tuned from SD. CLIP inversion
    optimizes a concept vector in that embedding space.
 The star shape and the outlined style never appear (the autoencoder's doodles, which phases 1 and 4 also see,
-are random polygons, ellipses and strokes). Phases 2 to 4 also see the world's sparks, pointed stars with any number
-of points but five (see `world`). The result is saved as a standard diffusers `StableDiffusionPipeline`
+are random polygons, ellipses and strokes). Every phase also sees the world's sparks, pointed stars with any number
+of points but five, and its seen-but-unnamed concepts: crosses captioned only `a red shape`, and dark backgrounds
+rarely named (see `world`). The result is saved as a standard diffusers `StableDiffusionPipeline`
 folder (the layout of a real SD 1.5 folder, text encoder keys as transformers 4 names them) plus the whole CLIP
 (`clip/`: text and vision towers with their projections, for aesthetic gradient and evaluation), and a
 `StableDiffusionImageVariationPipeline` folder beside it.
@@ -21,6 +22,7 @@ resumes at the phase it was in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -44,27 +46,35 @@ from sdpipe.tinyworld import models, oracle, world
 from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
 
 LOG_EVERY = 100
+WORLD_VERSION = 2  # in every phase's key: a change to what the world draws or how it captions retrains every phase
 VARIATIONS_PROBE_IMAGES = 48  # fresh world images the image-variations model redraws for its accuracy metric
 
 
-def caption_variants(scene: world.Scene) -> list[str]:
-    """The ways a training image may be captioned: with or without size, with or without position."""
-    return [
-        world.caption(scene),
-        world.caption(scene, with_size=False),
-        world.caption(scene, with_position=True),
-        world.caption(scene, with_size=False, with_position=True),
-    ]
+def caption_variants(scene: world.Scene, rng: np.random.Generator, params: PretrainParams) -> list[str]:
+    """The four ways a training image may be captioned: with or without size, with or without position. A named
+    shape's variant uses the generic word with probability `generic_share`; a dark scene's names its background with
+    probability `dark_named_share`."""
+    layouts = [{}, {"with_size": False}, {"with_position": True}, {"with_size": False, "with_position": True}]
+    variants = []
+    for layout in layouts:
+        generic = bool(rng.random() < params.generic_share)
+        named_dark = bool(rng.random() < params.dark_named_share)
+        variants.append(world.caption(scene, generic=generic, with_background=named_dark, **layout))
+    return variants
 
 
-def make_training_set(num_images: int, seed: int, sparks: int = 0) -> tuple[torch.Tensor, list[world.Scene]]:
-    """Renders the held-in world, then `sparks` spark scenes: images as a float tensor in [-1, 1], shape
-    (N, 3, 32, 32)."""
+def make_training_set(params: PretrainParams, seed: int) -> tuple[torch.Tensor, list[world.Scene], list[list[str]]]:
+    """Renders the named world, then the sparks, then the crosses, a `dark_share` of each on the dark background:
+    images as a float tensor in [-1, 1], shape (N, 3, 32, 32), their scenes and each one's caption variants."""
     rng = np.random.default_rng(seed)
-    scenes = [world.sample_scene(rng) for _ in range(num_images)]
-    scenes += [world.sample_scene(rng, shapes=world.SPARK_SHAPES) for _ in range(sparks)]
+    scenes = [world.sample_scene(rng) for _ in range(params.num_images)]
+    scenes += [world.sample_scene(rng, shapes=world.SPARK_SHAPES) for _ in range(params.sparks)]
+    scenes += [world.sample_scene(rng, shapes=world.UNNAMED_SHAPES) for _ in range(params.crosses)]
+    dark = rng.random(len(scenes)) < params.dark_share
+    scenes = [dataclasses.replace(scene, background="dark") if d else scene for scene, d in zip(scenes, dark)]
+    captions = [caption_variants(scene, rng, params) for scene in scenes]
     pixels = torch.from_numpy(world.render_array(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, scenes
+    return pixels, scenes, captions
 
 
 def make_doodles(count: int, seed: int) -> torch.Tensor:
@@ -72,11 +82,6 @@ def make_doodles(count: int, seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     doodles = np.stack([np.asarray(world.render_doodle(rng)) for _ in range(count)])
     return torch.from_numpy(doodles).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def vae_training_pixels(pixels: torch.Tensor, doodles: torch.Tensor, params: PretrainParams) -> torch.Tensor:
-    """The autoencoder's images: the world's scenes (not the sparks, which come after it) and the doodles."""
-    return torch.cat([pixels[: params.num_images], doodles])
 
 
 def variations_training_set(
@@ -223,15 +228,14 @@ def pretrain(
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
     start = time.monotonic()
-    pixels, scenes = make_training_set(params.num_images, seed, params.sparks)
-    captions = [caption_variants(scene) for scene in scenes]
+    pixels, scenes, captions = make_training_set(params, seed)
     log(f"pretrain: {len(scenes)} training images rendered")
 
     tokenizer_dir = work_dir / "tokenizer"
     tokenizer = build_clip_tokenizer(tokenizer_dir)
 
     doodles = make_doodles(params.vae_doodles, seed + 3)
-    vae_pixels = vae_training_pixels(pixels, doodles, params)
+    vae_pixels = torch.cat([pixels, doodles])
     vae = _cached_phase(
         work_dir, "vae", _phase_key(params, seed, "vae"), AutoencoderKL,
         lambda: train_vae(vae_pixels, params, torch.Generator().manual_seed(seed)), timings,
@@ -416,12 +420,12 @@ def _log_step(phase: str, step: int, total: int, loss: torch.Tensor) -> None:
 def _phase_key(params: PretrainParams, seed: int, phase: str) -> str:
     """Hash of everything that shapes a phase's result: later phases depend on earlier ones."""
     order = ["vae", "clip", "unet", "variations"]
-    fields = {"num_images", "warmup_steps"}
+    fields = {"num_images", "warmup_steps", "sparks", "crosses", "dark_share"}
     for name in order[: order.index(phase) + 1]:
         fields |= {f for f in PretrainParams.model_fields if f.startswith(name)}
-    fields |= {"sparks"} if phase != "vae" else set()
+    fields |= {"generic_share", "dark_named_share"} if phase != "vae" else set()
     fields |= {"snr_gamma", "caption_dropout"} if phase in ("unet", "variations") else set()
-    payload = json.dumps({"seed": seed, **params.model_dump(include=fields)}, sort_keys=True)
+    payload = json.dumps({"seed": seed, "world": WORLD_VERSION, **params.model_dump(include=fields)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

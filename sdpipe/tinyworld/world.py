@@ -6,9 +6,15 @@ personalization methods have something the base model does not know.
 
 Pretraining also sees *sparks*: pointed stars with 3, 4, 6, 7 or 8 points, captioned `a red spark with four points`.
 Never five: the star stays unseen, but the base model learns what pointed shapes are, as a real base model has seen
-countless things near any new concept. Methods that train no UNet weights (textual inversion, DreamArtist, CLIP
-inversion) can only steer the UNet to what it can already draw; without sparks a world of three shapes leaves
-them nothing to steer to.
+countless things near any new concept.
+
+Two concepts are *seen but unnamed*, the situation real Stable Diffusion offers the methods that leave the UNet frozen
+(textual inversion, DreamArtist, CLIP inversion, aesthetic gradient), which can only find what the base can already draw:
+- the `cross` (a plus sign: four equal arms a third of the extent wide) is drawn in pretraining in every color and size
+  but never named: its captions use the generic word, `a small red shape`, which the named shapes get too part of the
+  time, so the generic word means any shape;
+- the `dark` background (`a red circle on a dark background`) is drawn behind some pretraining scenes of every kind, and
+  named in only a small share of their captions, so prompts without its words rarely show it.
 """
 
 from __future__ import annotations
@@ -23,19 +29,23 @@ RESOLUTION = 32
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, for clean antialiased edges
 
 BACKGROUND = (245, 245, 240)
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"light": BACKGROUND, "dark": (40, 40, 52)}
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 160, 50),
     "blue": (35, 70, 215),
     "yellow": (235, 195, 25),
 }
-SHAPES = ("circle", "square", "triangle", "star")
+SHAPES = ("circle", "square", "triangle", "star", "cross")
 STYLES = ("filled", "outlined")
 SIZES: dict[str, tuple[int, int]] = {"small": (11, 15), "large": (19, 25)}  # extent in pixels, inclusive
 
 HELD_OUT_SHAPES = ("star",)
 HELD_OUT_STYLES = ("outlined",)
-PRETRAIN_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES)
+UNNAMED_SHAPES = ("cross",)  # drawn in pretraining, captioned only with GENERIC_WORD
+GENERIC_WORD = "shape"
+DARK_WORDS = "on a dark background"  # how a caption names the dark background
+PRETRAIN_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES + UNNAMED_SHAPES)  # drawn and named
 PRETRAIN_STYLES = tuple(s for s in STYLES if s not in HELD_OUT_STYLES)
 
 SPARK_POINTS = (3, 4, 6, 7, 8)  # never 5: that is the held-out star
@@ -43,6 +53,7 @@ SPARKS = {f"spark{points}": points for points in SPARK_POINTS}  # shape name -> 
 SPARK_SHAPES = tuple(SPARKS)
 NUMBER_WORDS = {3: "three", 4: "four", 6: "six", 7: "seven", 8: "eight"}
 STAR_INNER_RADIUS = 0.45  # of the outer radius
+CROSS_ARM_WIDTH = 1 / 3  # of the extent
 
 OUTLINE_WIDTH = 2.5  # pixels at the final resolution
 
@@ -58,6 +69,7 @@ class Scene:
     extent: int  # bounding-box side of the shape, in pixels
     cx: float  # shape center, in pixels
     cy: float
+    background: str = "light"  # a key of BACKGROUNDS
 
     @property
     def position(self) -> str:
@@ -80,6 +92,7 @@ def sample_scene(
     colors: tuple[str, ...] = tuple(COLORS),
     styles: tuple[str, ...] = PRETRAIN_STYLES,
     sizes: tuple[str, ...] = tuple(SIZES),
+    backgrounds: tuple[str, ...] = ("light",),
 ) -> Scene:
     """Draws one random scene from the given vocabularies."""
     color = colors[rng.integers(len(colors))]
@@ -91,7 +104,9 @@ def sample_scene(
     margin = extent / 2 + 1
     cx = _snap(rng.uniform(margin, RESOLUTION - margin))
     cy = _snap(rng.uniform(margin, RESOLUTION - margin))
-    return Scene(color=color, shape=shape, style=style, size=size, extent=extent, cx=cx, cy=cy)
+    # one background draws nothing, so the scenes of a given seed stay those of the world before backgrounds
+    background = backgrounds[rng.integers(len(backgrounds))] if len(backgrounds) > 1 else backgrounds[0]
+    return Scene(color=color, shape=shape, style=style, size=size, extent=extent, cx=cx, cy=cy, background=background)
 
 
 def _snap(coordinate: float) -> float:
@@ -109,6 +124,10 @@ def shape_polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "star":
         return star_polygon(5, cx, cy, extent)
+    if shape == "cross":  # a plus sign: twelve vertices, clockwise from the top arm's left corner
+        a = extent * CROSS_ARM_WIDTH / 2
+        arm = [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
+        return [(cx + x, cy + y) for x, y in arm]
     if shape in SPARKS:
         return star_polygon(SPARKS[shape], cx, cy, extent)
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + SPARK_SHAPES}")
@@ -130,7 +149,10 @@ def star_polygon(points: int, cx: float, cy: float, extent: float) -> list[tuple
 
 
 def shape_words(shape: str) -> str:
-    """How captions name a shape: `circle`, or `spark with four points` for a spark."""
+    """How captions name a shape: `circle`, `spark with four points` for a spark, the generic word for an unnamed
+    shape."""
+    if shape in UNNAMED_SHAPES:
+        return GENERIC_WORD
     if shape in SPARKS:
         return f"spark with {NUMBER_WORDS[SPARKS[shape]]} points"
     return shape
@@ -139,7 +161,7 @@ def shape_words(shape: str) -> str:
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     """Renders a scene to an RGB image of `resolution` pixels square."""
     s = SUPERSAMPLE * resolution / RESOLUTION
-    big = Image.new("RGB", (round(resolution * SUPERSAMPLE),) * 2, BACKGROUND)
+    big = Image.new("RGB", (round(resolution * SUPERSAMPLE),) * 2, BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(big)
     fill = COLORS[scene.color]
     cx, cy, extent = scene.cx * s, scene.cy * s, scene.extent * s
@@ -165,13 +187,17 @@ def caption(
     with_size: bool = True,
     with_style: bool = False,
     with_position: bool = False,
+    with_background: bool = False,
+    generic: bool = False,
     trigger: str | None = None,
     class_word: str | None = None,
 ) -> str:
     """A caption such as `a small red circle`.
 
-    `trigger`/`class_word` replace the shape name for personalization datasets: `a small blue sks shape`.
-    The style word is written only for outlined shapes (`a red outlined circle`), when `with_style`.
+    `trigger`/`class_word` replace the shape name for personalization datasets: `a small blue sks shape`; `generic`
+    writes the generic word instead of the shape's name (`a small red shape`).
+    The style word is written only for outlined shapes (`a red outlined circle`), when `with_style`; the background
+    only when dark (`a red circle on a dark background`), when `with_background`.
     """
     words = ["a"]
     if with_size:
@@ -181,10 +207,12 @@ def caption(
         words.append(scene.style)
     if trigger is not None:
         words.append(trigger)
-    words.append(class_word if class_word is not None else shape_words(scene.shape))
+    words.append(class_word if class_word is not None else GENERIC_WORD if generic else shape_words(scene.shape))
     text = " ".join(words)
     if with_position:
         text += f" at the {scene.position}"
+    if with_background and scene.background == "dark":
+        text += f" {DARK_WORDS}"
     return text
 
 
@@ -195,10 +223,11 @@ def generate(
     colors: tuple[str, ...] = tuple(COLORS),
     styles: tuple[str, ...] = PRETRAIN_STYLES,
     sizes: tuple[str, ...] = tuple(SIZES),
+    backgrounds: tuple[str, ...] = ("light",),
 ) -> list[tuple[Image.Image, Scene]]:
     """`count` rendered scenes; the same arguments always give the same images."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, shapes, colors, styles, sizes) for _ in range(count)]
+    scenes = [sample_scene(rng, shapes, colors, styles, sizes, backgrounds) for _ in range(count)]
     return [(render(scene), scene) for scene in scenes]
 
 
