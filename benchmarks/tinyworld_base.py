@@ -1,8 +1,11 @@
 """Benchmark: how well the tiny-world base model draws what it is asked, scored by the oracle.
 
 Generates with the plain diffusers StableDiffusionPipeline (25 steps, guidance 7.5, native resolution,
-fixed seeds) for every `a <color> <shape>` prompt, and `a <color> star` (a shape held out of pretraining),
-and prints the oracle's color, shape and joint accuracy beside chance level and the target.
+fixed seeds) for every `a <color> <shape>` prompt, `a <color> star` (a shape held out of pretraining), the generic
+`a <color> shape` and `a <color> sks shape` (the cross is drawn in pretraining but never named: how often does the
+base draw it unasked?) and `a <color> <shape> on a dark background` (the seen style, rarely named), and prints the
+oracle's readings beside chance level and the target. The cross and dark shares are the baselines of the methods
+that leave the UNet frozen.
 
     python benchmarks/tinyworld_base.py [--model artifacts/pretrain/tinyworld] [--seeds 8] [--grid grid.png]
                                         [--scheduler PNDMScheduler]   # another diffusers sampler on the same weights
@@ -18,7 +21,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdpipe import sampling
-from sdpipe.tinyworld import scoring, world
+from sdpipe.tinyworld import oracle, scoring, world
 
 
 def main() -> None:
@@ -43,10 +46,24 @@ def main() -> None:
     start = time.perf_counter()
     held_in_images = sampling.sample(pipeline, [p.prompt for p in held_in], seeds, args.steps, args.guidance)
     held_out_images = sampling.sample(pipeline, [p.prompt for p in held_out], seeds, args.steps, args.guidance)
+    generic_prompts = [f"a {color} {word}" for word in ("shape", "sks shape") for color in world.COLORS]
+    generic_images = sampling.sample(pipeline, generic_prompts, seeds, args.steps, args.guidance)
+    dark_prompts = [f"{probe.prompt} {world.DARK_WORDS}" for probe in held_in]
+    dark_images = sampling.sample(pipeline, dark_prompts, seeds, args.steps, args.guidance)
     seconds = time.perf_counter() - start
     held_in_scores = scoring.score_probes(held_in_images, held_in, len(seeds))
     held_out_scores = scoring.score_probes(held_out_images, held_out, len(seeds))
-    count = len(held_in_images) + len(held_out_images)
+    count = len(held_in_images) + len(held_out_images) + len(generic_images) + len(dark_images)
+    half = len(generic_images) // 2
+    generic_readings = oracle.read_batch(generic_images)
+    crosses = {
+        "a <color> shape": sum(r.shape == "cross" for r in generic_readings[:half]) / half,
+        "a <color> sks shape": sum(r.shape == "cross" for r in generic_readings[half:]) / half,
+    }
+    dark_unnamed = sum(r.background == "dark" for r in oracle.read_batch(held_in_images)) / len(held_in_images)
+    dark_readings = oracle.read_batch(dark_images)
+    dark_named = sum(r.background == "dark" for r in dark_readings) / len(dark_images)
+    dark_named_joint = scoring.score_probes(dark_images, held_in, len(seeds))["all"]
 
     chance_color = 1 / len(world.COLORS)
     chance_shape = 1 / len(world.PRETRAIN_SHAPES)
@@ -59,6 +76,11 @@ def main() -> None:
         ("a <color> <held-in shape>", "joint", held_in_scores["all"], chance_color * chance_shape, ""),
         ("a <color> star (held out)", "color", held_out_scores["color"], chance_color, ""),
         ("a <color> star (held out)", "shape", held_out_scores["shape"], 1 / len(world.SHAPES), "low"),
+        ("a <color> shape", "cross", crosses["a <color> shape"], 1 / len(world.SHAPES), "low"),
+        ("a <color> sks shape", "cross", crosses["a <color> sks shape"], 1 / len(world.SHAPES), "low"),
+        ("a <color> <held-in shape>", "dark", dark_unnamed, 0.5, "low"),
+        ("... on a dark background", "dark", dark_named, 0.5, "high"),
+        ("... on a dark background", "joint", dark_named_joint, chance_color * chance_shape, ""),
     ]
     for prompts, metric, value, chance, target in rows:
         print(f"{prompts:<28}{metric:<10}{value:>10.3f}{chance:>10.3f}{target:>10}")
@@ -68,7 +90,8 @@ def main() -> None:
         scores = scoring.score_probes(images, per_shape, len(seeds))
         print(f"  {shape:<10} color {scores['color']:.3f}  shape {scores['shape']:.3f}")
     if args.grid:
-        sampling.image_grid(held_in_images + held_out_images, columns=len(seeds) * 2).save(args.grid)
+        grid = held_in_images + held_out_images + generic_images + dark_images
+        sampling.image_grid(grid, columns=len(seeds) * 2).save(args.grid)
         print(f"grid: {args.grid}")
 
 

@@ -17,7 +17,7 @@ def main(params) -> None:
         return
     folder = out_dir / "onnx" / export_name(settings.model)
     pipeline = load_export_pipeline(params, settings.model)
-    report = export_onnx(pipeline, folder, settings, seed=params.base.seed, model=settings.model)
+    report = export_onnx(pipeline, folder, settings, seed=params.base.seed, model=settings.model, release_weights=True)
     write_json(out_dir / "parity.json", report)
     log(f"export: {settings.model} -> {folder}")
 

@@ -151,10 +151,15 @@ def example_inputs(
 # Export
 
 
-def export_onnx(pipe, out_dir: str | Path, settings: ExportParams, seed: int = 0, model: str = "") -> dict:
+def export_onnx(
+    pipe, out_dir: str | Path, settings: ExportParams, seed: int = 0, model: str = "", release_weights: bool = False
+) -> dict:
     """Exports `pipe` (a diffusers `StableDiffusionPipeline`) to `out_dir` and returns the parity report.
 
-    Raises `SdpipeError` (and writes nothing) when a component or the end-to-end image is out of
+    Every PyTorch output the checks compare with (each component's on the parity inputs, the end-to-end image) is
+    computed first; then, with `release_weights` (the export stage's), the pipeline's weights are freed (it is unusable
+    afterwards) before onnxruntime loads the exported graphs, so that the two copies of the model are never in memory
+    together. Raises `SdpipeError` (and writes nothing) when a component or the end-to-end image is out of
     `settings.tolerance`.
     """
     providers = execution_providers()
@@ -184,11 +189,21 @@ def export_onnx(pipe, out_dir: str | Path, settings: ExportParams, seed: int = 0
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         scratch = tmp.parent / "raw"  # the torch exports before rewriting; atomic_path removes it with its temp folder
+        fused, cases = {}, {}
         for component, spec in graph_specs(pipe).items():
             log(f"export: {component}")
-            fused = export_component(pipe, component, spec, tmp / component, scratch, settings, seed)
-            result = check_component(pipe, component, spec, tmp / component / "model.onnx", providers, seed)
-            result["fused_operators"] = fused
+            fused[component] = export_component(pipe, component, spec, tmp / component, scratch, settings, seed)
+            cases[component] = parity_cases(pipe, component, spec, seed)
+        write_pipeline_files(pipe, tmp)
+        torch_image = None
+        if settings.check_steps:
+            torch_image = torch_generate(pipe, settings.check_prompt, seed=seed, steps=settings.check_steps)
+        if release_weights:
+            for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+                module.to("meta")  # frees the weights: the caller's pipeline is unusable from here on
+        for component, component_cases in cases.items():
+            result = check_component(tmp / component / "model.onnx", component_cases, providers)
+            result["fused_operators"] = fused[component]
             report["components"][component] = result
             if result["relative_error"] > tolerance:
                 raise SdpipeError(
@@ -196,9 +211,8 @@ def export_onnx(pipe, out_dir: str | Path, settings: ExportParams, seed: int = 0
                     f"export.tolerance.{settings.precision} = {tolerance:g} (max abs error "
                     f"{result['max_abs_error']:.3g}); nothing was written"
                 )
-        write_pipeline_files(pipe, tmp)
         if settings.check_steps:
-            report["generation"] = check_generation(pipe, tmp, settings, seed, providers)
+            report["generation"] = check_generation(tmp, settings, seed, providers, torch_image)
             difference = report["generation"]["mean_abs_pixel_diff"]
             if difference > settings.tolerance.image:
                 raise SdpipeError(
@@ -358,33 +372,41 @@ def write_pipeline_files(pipe, folder: Path) -> None:
 
 
 @torch.no_grad()
-def check_component(pipe, component: str, spec: GraphSpec, path: Path, providers: list[str], seed: int) -> dict:
-    """Largest absolute and relative error of the exported component against its module, over two input shapes.
-
-    The relative error is the largest absolute difference over the largest absolute reference value.
-    """
-    session = inference_session(path, providers)
+def parity_cases(pipe, component: str, spec: GraphSpec, seed: int) -> list[tuple[dict, tuple]]:
+    """The parity check's inputs for `component` (the export shape and a wider one with another batch size) and the
+    module's outputs for them, as numpy arrays."""
     generator = torch.Generator().manual_seed(seed + 1)
-    max_abs, relative, shapes = 0.0, 0.0, []
+    cases = []
     for batch, width_factor, timesteps in PARITY_CASES:
         inputs = example_inputs(pipe, component, generator, batch, width_factor, timesteps)
         expected = spec.module(*inputs.values())
         expected = expected if isinstance(expected, tuple) else (expected,)
-        actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
+        arrays = {name: tensor.numpy() for name, tensor in inputs.items()}
+        cases.append((arrays, tuple(output.float().numpy() for output in expected)))
+    return cases
+
+
+def check_component(path: Path, cases: list[tuple[dict, tuple]], providers: list[str]) -> dict:
+    """Largest absolute and relative error of the exported component against its module's outputs (`parity_cases`).
+
+    The relative error is the largest absolute difference over the largest absolute reference value.
+    """
+    session = inference_session(path, providers)
+    max_abs, relative, shapes = 0.0, 0.0, []
+    for inputs, expected in cases:
+        actual = session.run(None, inputs)
         for reference, output in zip(expected, actual, strict=True):
-            reference = reference.float().numpy()
             error = float(np.abs(output.astype(np.float32) - reference).max())
             max_abs = max(max_abs, error)
             relative = max(relative, error / max(float(np.abs(reference).max()), 1e-12))
-        shapes.append({name: list(tensor.shape) for name, tensor in inputs.items()})
+        shapes.append({name: list(array.shape) for name, array in inputs.items()})
     return {"max_abs_error": max_abs, "relative_error": relative, "input_shapes": shapes}
 
 
-def check_generation(pipe, folder: Path, settings: ExportParams, seed: int, providers: list[str]) -> dict:
-    """One image from onnxruntime and one from the PyTorch pipeline, same prompt, seed and scheduler."""
+def check_generation(folder: Path, settings: ExportParams, seed: int, providers: list[str], torch_image: np.ndarray) -> dict:
+    """One image from onnxruntime against the PyTorch pipeline's (`torch_generate`), same prompt, seed and scheduler."""
     log(f"export: end-to-end check, {settings.check_steps} steps")
     onnx_image = OnnxStableDiffusion(folder, providers)(settings.check_prompt, seed=seed, steps=settings.check_steps)
-    torch_image = torch_generate(pipe, settings.check_prompt, seed=seed, steps=settings.check_steps)
     difference = np.abs(onnx_image - torch_image)
     return {
         "prompt": settings.check_prompt,
