@@ -11,11 +11,13 @@ this base: if the free per-image context cannot make the frozen UNet draw the co
 Rows, each beside the issue's target for the frozen-UNet methods it bounds:
 - text UNet, `star` dataset: samples the oracle reads as a star (textual inversion, DreamArtist);
 - text UNet, `outlined` dataset: samples read as outlined in the image's own color (aesthetic gradient);
-- image-variations UNet, `star` dataset: samples read as a star (CLIP inversion).
+- image-variations UNet, `star` dataset: samples read as a star (CLIP inversion);
+- the same for the seen-but-unnamed concepts the frozen-UNet methods are scored on: `cross` (text and variations
+  UNets) and `dark` (text UNet, samples on the dark background).
 
 Needs the prepared datasets (`dvc repro prepare`). About 7 minutes on two CPU cores at the defaults.
 
-    python benchmarks/conditioning_ceiling.py [--steps 1500] [--seeds 2] [--grid ceiling.png]
+    python benchmarks/conditioning_ceiling.py [--steps 1500] [--seeds 2] [--grid ceiling.png] [--datasets cross dark]
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seeds", type=int, default=2, help="samples per learned context")
     parser.add_argument("--grid", default=None, help="also save every sample as a PNG grid, case after case")
+    parser.add_argument("--datasets", nargs="*", default=None, help="only the cases on these datasets")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -99,7 +102,11 @@ def main() -> None:
         ("aesthetic gradient", "text", "outlined", 0.6,
          lambda read, image: read.style == "outlined" and read.color == image.color),
         ("CLIP inversion", "variations", "star", 0.6, lambda read, image: read.shape == "star"),
+        ("textual inversion, DreamArtist", "text", "cross", 0.8, lambda read, image: read.shape == "cross"),
+        ("aesthetic gradient", "text", "dark", 0.6, lambda read, image: read.background == "dark"),
+        ("CLIP inversion", "variations", "cross", 0.7, lambda read, image: read.shape == "cross"),
     ]
+    cases = [case for case in cases if args.datasets is None or case[2] in args.datasets]
     results, grid_rows = [], []
     for bounds, unet_kind, dataset, target, counts in cases:
         start_time = time.perf_counter()
