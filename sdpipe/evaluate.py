@@ -244,8 +244,8 @@ def evaluate_candidate(candidate: Candidate, settings, reference: Reference, con
 
     if settings.oracle:
         prior_images = images[: len(prior_probes) * len(seeds)]
-        prior = scoring.score_probes(prior_images, prior_probes, len(seeds))
         prior_readings = oracle.read_batch(prior_images)
+        prior = scoring.score_probes(prior_readings, prior_probes, len(seeds))  # read once, scored from the readings
         concept_readings = oracle.read_batch(concept_images)
         prompted_colors = [color for color in settings.colors for _ in seeds]
         rates = {}

@@ -299,9 +299,10 @@ def score(images: Iterable, expected: list[dict]) -> dict[str, float]:
     """Per-attribute accuracy over a batch, plus `all` (every given attribute right) and `found`.
 
     Each expected dict holds any of `ATTRIBUTES`; only the attributes it gives are scored for its image,
-    and an attribute is reported only if some image was scored on it.
+    and an attribute is reported only if some image was scored on it. An image already read may be given as its
+    `Reading`.
     """
-    readings = read_batch(images)
+    readings = [image if isinstance(image, Reading) else read(image) for image in images]
     if len(readings) != len(expected):
         raise ValueError(f"score got {len(readings)} images but {len(expected)} expected dicts")
     right: dict[str, list[bool]] = {attribute: [] for attribute in ATTRIBUTES}

@@ -31,8 +31,9 @@ def color_shape_probes(shapes: tuple[str, ...] = world.PRETRAIN_SHAPES) -> list[
     return [Probe(f"a {color} {shape}", color=color, shape=shape) for shape in shapes for color in world.COLORS]
 
 
-def score_probes(images: list[Image.Image], probes: list[Probe], seeds_per_probe: int) -> dict:
-    """Per-attribute accuracy over all images, plus joint accuracy (every scored attribute right)."""
+def score_probes(images: list[Image.Image | oracle.Reading], probes: list[Probe], seeds_per_probe: int) -> dict:
+    """Per-attribute accuracy over all images (or their oracle readings), plus joint accuracy (every scored attribute
+    right)."""
     expected = [probe.expected() for probe in probes for _ in range(seeds_per_probe)]
     return oracle.score(images, expected)
 
