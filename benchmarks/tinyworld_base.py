@@ -2,8 +2,8 @@
 
 Generates with the plain diffusers StableDiffusionPipeline (25 steps, guidance 7.5, native resolution,
 fixed seeds) for every `a <color> <shape>` prompt, `a <color> star` (a shape held out of pretraining), the generic
-`a <color> shape` and `a <color> sks shape` (the cross is drawn in pretraining but never named: how often does the
-base draw it unasked?) and `a <color> <shape> on a dark background` (the seen style, rarely named), and prints the
+`a <color> shape` and `a <color> sks shape` (the cross is drawn in pretraining but rarely named: how often does the
+base draw it unasked?), `a <color> plus` (its rare word) and `a <color> <shape> on a dark background` (the seen style, rarely named), and prints the
 oracle's readings beside chance level and the target. The cross and dark shares are the baselines of the methods
 that leave the UNet frozen.
 
@@ -46,7 +46,8 @@ def main() -> None:
     start = time.perf_counter()
     held_in_images = sampling.sample(pipeline, [p.prompt for p in held_in], seeds, args.steps, args.guidance)
     held_out_images = sampling.sample(pipeline, [p.prompt for p in held_out], seeds, args.steps, args.guidance)
-    generic_prompts = [f"a {color} {word}" for word in ("shape", "sks shape") for color in world.COLORS]
+    generic_words = ("shape", "sks shape", world.RARE_NAMES["cross"])
+    generic_prompts = [f"a {color} {word}" for word in generic_words for color in world.COLORS]
     generic_images = sampling.sample(pipeline, generic_prompts, seeds, args.steps, args.guidance)
     dark_prompts = [f"{probe.prompt} {world.DARK_WORDS}" for probe in held_in]
     dark_images = sampling.sample(pipeline, dark_prompts, seeds, args.steps, args.guidance)
@@ -54,11 +55,11 @@ def main() -> None:
     held_in_scores = scoring.score_probes(held_in_images, held_in, len(seeds))
     held_out_scores = scoring.score_probes(held_out_images, held_out, len(seeds))
     count = len(held_in_images) + len(held_out_images) + len(generic_images) + len(dark_images)
-    half = len(generic_images) // 2
+    per_word = len(generic_images) // len(generic_words)
     generic_readings = oracle.read_batch(generic_images)
     crosses = {
-        "a <color> shape": sum(r.shape == "cross" for r in generic_readings[:half]) / half,
-        "a <color> sks shape": sum(r.shape == "cross" for r in generic_readings[half:]) / half,
+        f"a <color> {word}": sum(r.shape == "cross" for r in generic_readings[i * per_word : (i + 1) * per_word]) / per_word
+        for i, word in enumerate(generic_words)
     }
     dark_unnamed = sum(r.background == "dark" for r in oracle.read_batch(held_in_images)) / len(held_in_images)
     dark_readings = oracle.read_batch(dark_images)
@@ -78,6 +79,7 @@ def main() -> None:
         ("a <color> star (held out)", "shape", held_out_scores["shape"], 1 / len(world.SHAPES), "low"),
         ("a <color> shape", "cross", crosses["a <color> shape"], 1 / len(world.SHAPES), "low"),
         ("a <color> sks shape", "cross", crosses["a <color> sks shape"], 1 / len(world.SHAPES), "low"),
+        ("a <color> plus (rare word)", "cross", crosses["a <color> plus"], 1 / len(world.SHAPES), ""),
         ("a <color> <held-in shape>", "dark", dark_unnamed, 0.5, "low"),
         ("... on a dark background", "dark", dark_named, 0.5, "high"),
         ("... on a dark background", "joint", dark_named_joint, chance_color * chance_shape, ""),

@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from sdpipe.encode import dataset_images
 from sdpipe.errors import SdpipeError
+from sdpipe.families import Conditioning
 from sdpipe.io import save_safetensors
 from sdpipe.models.clip_image import ClipImageEncoder
 from sdpipe.models.loading import resolve_device
@@ -110,9 +111,9 @@ class ClipInversion(TrainingMethod):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.context.vector]
 
-    def encode_text(self, models: Models, captions: list[str]) -> torch.Tensor:
+    def encode_text(self, models: Models, captions: list[str]) -> Conditioning:
         conditioned = torch.tensor([bool(caption.strip()) for caption in captions], device=models.device)
-        return models.text_encoder(conditioned)
+        return Conditioning(models.text_encoder(conditioned))
 
     def sample_embeddings(self, models: Models, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sample prompt draws the concept (the model reads no text)."""

@@ -29,6 +29,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdpipe.config.train import DreamArtistParams
 from sdpipe.errors import SdpipeError
+from sdpipe.families import Conditioning
 from sdpipe.formats.a1111 import checkpoint_hash
 from sdpipe.formats.embeddings import Embedding, file_stem, save_safetensors_embedding
 from sdpipe.models.loading import load_pipeline
@@ -132,25 +133,36 @@ class DreamArtist(PlaceholderTokenTraining):
         """The caption with the negative tokens in place of the positive ones (the reference's `uc`)."""
         return replace_token(caption, self.placeholder_text, self.negative_text)
 
-    def encode_text(self, models: Models, captions: list[str]) -> torch.Tensor:
-        """The positive and the negative captions' hidden states side by side: [batch, 2 × tokens, hidden]."""
+    def encode_text(self, models: Models, captions: list[str]) -> Conditioning:
+        """The positive and the negative captions' conditioning side by side (contexts [batch, 2 × tokens, hidden],
+        so that a batch of them stays one row per caption)."""
         if torch.is_grad_enabled():  # a training step follows: remember the negative rows (`after_optimizer_step`)
             self.negative_rows_before_step = self.embeddings.detach()[self.negative_ids].clone()
         negatives = [self.negative_caption(caption) for caption in captions]
-        positive, negative = super().encode_text(models, captions + negatives).chunk(2)
-        return torch.cat([positive, negative], dim=1)
+        both = super().encode_text(models, captions + negatives)
+        positive, negative = both.rows(slice(0, len(captions))), both.rows(slice(len(captions), None))
+        pooled = None if both.pooled is None else torch.cat([positive.pooled, negative.pooled], dim=1)
+        return Conditioning(torch.cat([positive.context, negative.context], dim=1), pooled)
 
     def predict(
-        self, models: Models, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        models: Models,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The guided prediction eps_neg + cfg_scale × (eps_pos − eps_neg), both from one UNet call."""
-        positive, negative = encoder_hidden_states.chunk(2, dim=1)
-        both = models.unet(
+        contexts = conditioning.context.chunk(2, dim=1)
+        pooled = (None, None) if conditioning.pooled is None else conditioning.pooled.chunk(2, dim=1)
+        positive, negative = (Conditioning(context, rows) for context, rows in zip(contexts, pooled))
+        both = models.family.predict(
+            models.unet,
             torch.cat([noisy_latents, noisy_latents]),
             torch.cat([timesteps, timesteps]),
-            torch.cat([positive, negative]),
-            return_dict=False,
-        )[0]
+            Conditioning.cat([positive, negative]),
+            None if time_ids is None else torch.cat([time_ids, time_ids]),
+        )
         positive_prediction, negative_prediction = both.chunk(2)
         return negative_prediction + self.params.cfg_scale * (positive_prediction - negative_prediction)
 

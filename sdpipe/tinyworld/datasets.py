@@ -7,7 +7,7 @@
 - `outlined`: 16 outlined circles, squares and triangles (a style the base model never saw), captioned
   *without* the style word, `a small red circle`, so that style methods must learn "outlined" implicitly.
 - `cross`, `cross_val`: 12 (and 8 held-out) filled crosses, captioned like `star`: a shape the base model drew in
-  pretraining but never named, for the methods that leave the UNet frozen (textual inversion, DreamArtist, CLIP
+  pretraining but rarely named, for the methods that leave the UNet frozen (textual inversion, DreamArtist, CLIP
   inversion).
 - `dark`: 16 filled circles, squares and triangles on the dark background (a style the base model saw but rarely
   heard named), captioned without it, for aesthetic gradient.

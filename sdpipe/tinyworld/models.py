@@ -8,11 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -25,6 +33,8 @@ from sdpipe.tinyworld.tokenizer import MODEL_MAX_LENGTH, build_clip_tokenizer
 LATENT_CHANNELS = 4
 TEXT_HIDDEN = 64
 PROJECTION_DIM = 64
+SDXL_TEXT_HIDDEN_2 = 96  # the second text encoder is wider, as OpenCLIP bigG (1280) is beside CLIP ViT-L (768)
+SDXL_TIME_EMBED_DIM = 8  # per time id; SDXL's is 256
 
 
 def vae_config() -> dict:
@@ -57,11 +67,11 @@ def unet_config() -> dict:
     )
 
 
-def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    return CLIPTextConfig(
+def text_config(tokenizer: CLIPTokenizer, hidden_size: int = TEXT_HIDDEN, **overrides) -> CLIPTextConfig:
+    settings = dict(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
         num_hidden_layers=3,
         num_attention_heads=4,
         max_position_embeddings=MODEL_MAX_LENGTH,
@@ -70,6 +80,34 @@ def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return CLIPTextConfig(**{**settings, **overrides})
+
+
+def sdxl_unet_config() -> dict:
+    """SDXL's UNet in miniature: three levels, no attention in the first, a deeper transformer in the last, linear
+    projections, and the text-time added conditioning (pooled text embedding and six size/crop ids)."""
+    return dict(
+        sample_size=world.RESOLUTION // 4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=TEXT_HIDDEN + SDXL_TEXT_HIDDEN_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_TEXT_HIDDEN_2 + 6 * SDXL_TIME_EMBED_DIM,
+        norm_num_groups=16,
+    )
+
+
+def sdxl_text_config_2(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """SDXL's second text encoder in miniature: wider, GELU, with the text projection whose output is pooled."""
+    return text_config(tokenizer, SDXL_TEXT_HIDDEN_2, hidden_act="gelu", projection_dim=SDXL_TEXT_HIDDEN_2)
 
 
 def vision_config() -> CLIPVisionConfig:
@@ -133,6 +171,26 @@ def build_random_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
         safety_checker=None,
         feature_extractor=feature_extractor(),
         requires_safety_checker=False,
+    )
+    save_pipeline(pipe, out_dir)
+    return out_dir
+
+
+def build_random_sdxl_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves a randomly initialized tiny SDXL pipeline folder (diffusers' SDXL layout, for tests); returns its path."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(out_dir / "tokenizer_2", pad_token="!")
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**vae_config()),
+        text_encoder=CLIPTextModel(text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(sdxl_text_config_2(tokenizer_2)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=UNet2DConditionModel(**sdxl_unet_config()),
+        scheduler=sample_scheduler(),
+        add_watermarker=False,
     )
     save_pipeline(pipe, out_dir)
     return out_dir

@@ -10,7 +10,7 @@ Four phases, in order, each with the real diffusers / transformers classes:
    optimizes a concept vector in that embedding space.
 The star shape and the outlined style never appear (the autoencoder's doodles, which phases 1 and 4 also see,
 are random polygons, ellipses and strokes). Every phase also sees the world's sparks, pointed stars with any number
-of points but five, and its seen-but-unnamed concepts: crosses captioned only `a red shape`, and dark backgrounds
+of points but five, and its seen-but-unnamed concepts: crosses captioned `a red shape` (rarely `a red plus`), and dark backgrounds
 rarely named (see `world`). The result is saved as a standard diffusers `StableDiffusionPipeline`
 folder (the layout of a real SD 1.5 folder, text encoder keys as transformers 4 names them) plus the whole CLIP
 (`clip/`: text and vision towers with their projections, for aesthetic gradient and evaluation), and a
@@ -43,7 +43,7 @@ from sdpipe.io import atomic_path, write_json
 from sdpipe.models.saving import save_pipeline
 from sdpipe.progress import log
 from sdpipe.tinyworld import models, oracle, world
-from sdpipe.tinyworld.tokenizer import build_clip_tokenizer
+from sdpipe.tinyworld.tokenizer import build_clip_tokenizer, tokenizer_digest
 
 LOG_EVERY = 100
 WORLD_VERSION = 2  # in every phase's key: a change to what the world draws or how it captions retrains every phase
@@ -52,14 +52,15 @@ VARIATIONS_PROBE_IMAGES = 48  # fresh world images the image-variations model re
 
 def caption_variants(scene: world.Scene, rng: np.random.Generator, params: PretrainParams) -> list[str]:
     """The four ways a training image may be captioned: with or without size, with or without position. A named
-    shape's variant uses the generic word with probability `generic_share`; a dark scene's names its background with
-    probability `dark_named_share`."""
+    shape's variant uses the generic word with probability `generic_share`, a cross's uses its rare word with
+    probability `cross_named_share`; a dark scene's names its background with probability `dark_named_share`."""
     layouts = [{}, {"with_size": False}, {"with_position": True}, {"with_size": False, "with_position": True}]
     variants = []
     for layout in layouts:
         generic = bool(rng.random() < params.generic_share)
         named_dark = bool(rng.random() < params.dark_named_share)
-        variants.append(world.caption(scene, generic=generic, with_background=named_dark, **layout))
+        rare_name = world.RARE_NAMES.get(scene.shape) if rng.random() < params.cross_named_share else None
+        variants.append(world.caption(scene, generic=generic, with_background=named_dark, class_word=rare_name, **layout))
     return variants
 
 
@@ -423,9 +424,12 @@ def _phase_key(params: PretrainParams, seed: int, phase: str) -> str:
     fields = {"num_images", "warmup_steps", "sparks", "crosses", "dark_share"}
     for name in order[: order.index(phase) + 1]:
         fields |= {f for f in PretrainParams.model_fields if f.startswith(name)}
-    fields |= {"generic_share", "dark_named_share"} if phase != "vae" else set()
+    fields |= {"generic_share", "dark_named_share", "cross_named_share"} if phase != "vae" else set()
     fields |= {"snr_gamma", "caption_dropout"} if phase in ("unet", "variations") else set()
-    payload = json.dumps({"seed": seed, "world": WORLD_VERSION, **params.model_dump(include=fields)}, sort_keys=True)
+    payload = {"seed": seed, "world": WORLD_VERSION, **params.model_dump(include=fields)}
+    if phase != "vae":  # the text side trains on token ids: a new tokenizer merge renumbers them
+        payload["tokenizer"] = tokenizer_digest()
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

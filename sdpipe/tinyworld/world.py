@@ -11,8 +11,9 @@ countless things near any new concept.
 Two concepts are *seen but unnamed*, the situation real Stable Diffusion offers the methods that leave the UNet frozen
 (textual inversion, DreamArtist, CLIP inversion, aesthetic gradient), which can only find what the base can already draw:
 - the `cross` (a plus sign: four equal arms a third of the extent wide) is drawn in pretraining in every color and size
-  but never named: its captions use the generic word, `a small red shape`, which the named shapes get too part of the
-  time, so the generic word means any shape;
+  but rarely named: most of its captions use the generic word, `a small red shape`, which the named shapes get too part
+  of the time, so the generic word means any shape; a small share use its rare word, `a small red plus` (as real SD
+  has seen many things under a word it rarely read);
 - the `dark` background (`a red circle on a dark background`) is drawn behind some pretraining scenes of every kind, and
   named in only a small share of their captions, so prompts without its words rarely show it.
 """
@@ -42,7 +43,8 @@ SIZES: dict[str, tuple[int, int]] = {"small": (11, 15), "large": (19, 25)}  # ex
 
 HELD_OUT_SHAPES = ("star",)
 HELD_OUT_STYLES = ("outlined",)
-UNNAMED_SHAPES = ("cross",)  # drawn in pretraining, captioned only with GENERIC_WORD
+UNNAMED_SHAPES = ("cross",)  # drawn in pretraining, captioned with GENERIC_WORD and rarely with its RARE_NAMES word
+RARE_NAMES = {"cross": "plus"}
 GENERIC_WORD = "shape"
 DARK_WORDS = "on a dark background"  # how a caption names the dark background
 PRETRAIN_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES + UNNAMED_SHAPES)  # drawn and named

@@ -28,6 +28,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import torch
 
 from sdpipe.data.captions import apply_caption_ops
 from sdpipe.errors import SdpipeError
+from sdpipe.families import Conditioning
 from sdpipe.io import atomic_path, write_json
 from sdpipe.models.loading import (
     classify_model_source,
@@ -474,14 +476,14 @@ class TextCache:
 
     def __init__(self, method: TrainingMethod, models: Models):
         self.method, self.models = method, models
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, Conditioning] = {}
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str]) -> Conditioning:
         for caption in captions:
             if caption not in self.cache:
                 with torch.no_grad():
-                    self.cache[caption] = self.method.encode_text(self.models, [caption])[0]
-        return torch.stack([self.cache[caption] for caption in captions])
+                    self.cache[caption] = self.method.encode_text(self.models, [caption])
+        return Conditioning.cat([self.cache[caption] for caption in captions])
 
 
 class StepLosses:
@@ -603,8 +605,8 @@ def diffusion_losses(
         noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
     target = prediction_target(models.noise_scheduler, latents, noise, timesteps)
     with accelerator.autocast():
-        encoder_hidden_states = text_cache(captions) if text_cache is not None else method.encode_text(models, captions)
-        prediction = method.predict(models, noisy_latents, timesteps, encoder_hidden_states)
+        conditioning = text_cache(captions) if text_cache is not None else method.encode_text(models, captions)
+        prediction = method.predict(models, noisy_latents, timesteps, conditioning)
     return [
         diffusion_loss(part_prediction, part_target, part_timesteps, models.noise_scheduler, common.snr_gamma)
         for part_prediction, part_target, part_timesteps in zip(
@@ -631,12 +633,12 @@ def diverged(loss: float, step: int, max_steps: int, key: str, learning_rate: fl
 
 def unwrapped(models: Models, accelerator) -> Models:
     """`models` with accelerate's wrappers removed (what a method saves and what samples use)."""
-    return Models(
-        tokenizer=models.tokenizer,
+    text_encoder_2 = models.text_encoder_2
+    return dataclasses.replace(
+        models,
         text_encoder=accelerator.unwrap_model(models.text_encoder),
+        text_encoder_2=None if text_encoder_2 is None else accelerator.unwrap_model(text_encoder_2),
         unet=accelerator.unwrap_model(models.unet),
-        noise_scheduler=models.noise_scheduler,
-        device=models.device,
     )
 
 

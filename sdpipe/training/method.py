@@ -11,7 +11,7 @@ A method subclasses `TrainingMethod` and says:
 - `caption(text)`: how a caption (or sample prompt) is rewritten for it (e.g. the trigger word becomes a token);
   `caption_ops(common_ops)`: the caption operations (dropout, shuffles) it trains with, when not `train.common`'s;
 - `encode_text(models, captions)` / `predict(models, ...)`: how a batch's conditioning is built and the UNet
-  called, when the defaults (CLIP text encoder hidden states; a plain UNet call) do not fit, and
+  called, when the defaults (the model family's text conditioning and UNet call) do not fit, and
   `sample_embeddings(models, prompts)` the sample images' conditioning when it is not the text encoder's;
 - `after_optimizer_step(models)`: anything to restore after an update;
 - `save(models, folder, step)`: its final files, in the formats the ecosystem loads;
@@ -32,6 +32,7 @@ import torch
 
 from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import MethodParams
+from sdpipe.families import SD, Conditioning, ModelFamily
 from sdpipe.training.data import PriorPreservation
 
 
@@ -44,6 +45,18 @@ class Models:
     unet: torch.nn.Module
     noise_scheduler: object
     device: torch.device
+    family: ModelFamily = SD
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    """The second tokenizer and text encoder of a family that has two (SDXL)."""
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self, name) for name in self.family.tokenizers]
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, name) for name in self.family.text_encoders]
 
 
 class TrainingMethod:
@@ -97,19 +110,21 @@ class TrainingMethod:
         """The caption this method trains on (and the sample prompt it samples) for a dataset caption."""
         return caption
 
-    def encode_text(self, models: Models, captions: list[str]) -> torch.Tensor:
-        """The UNet's `encoder_hidden_states` for `captions`: the CLIP text encoder's last hidden states."""
-        tokenizer = models.tokenizer
-        input_ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return models.text_encoder(input_ids.to(models.device))[0]
+    def encode_text(self, models: Models, captions: list[str]) -> Conditioning:
+        """The UNet's conditioning for `captions`, as the model family's pipeline computes it (for SD 1.x/2.x the
+        CLIP text encoder's last hidden states)."""
+        return models.family.encode(models.tokenizers, models.text_encoders, captions, models.device)
 
     def predict(
-        self, models: Models, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        models: Models,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The UNet's prediction for a batch (a method may add conditioning or combine several calls)."""
-        return models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return models.family.predict(models.unet, noisy_latents, timesteps, conditioning, time_ids)
 
     def sample_embeddings(self, models: Models, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (conditional, unconditional) UNet contexts of the sample prompts when the method's conditioning is

@@ -1,0 +1,38 @@
+"""Model families and how a base model's family is found: see `base.ModelFamily`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdpipe.errors import SdpipeError
+from sdpipe.families.base import Conditioning, ModelFamily
+from sdpipe.families.sd import SD
+from sdpipe.families.sdxl import SDXL
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD, SDXL)}
+SINGLE_FILE_MARKERS = {"conditioner.embedders.": SDXL}  # a key prefix only that family's checkpoints have
+
+__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "folder_family", "single_file_family"]
+
+
+def folder_family(folder: str | Path, *, key: str = "base.base_model") -> ModelFamily:
+    """The family of a diffusers folder, from its `model_index.json`."""
+    index_path = Path(folder) / "model_index.json"
+    try:
+        class_name = json.loads(index_path.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SdpipeError(f"{key}: cannot read the pipeline class from {index_path} ({error})") from error
+    for family in FAMILIES.values():
+        if class_name in family.folder_classes:
+            return family
+    known = ", ".join(f"{family.pipeline_class} ({family.title})" for family in FAMILIES.values())
+    raise SdpipeError(f"{key}: {index_path} is a {class_name} folder; sdpipe reads {known}")
+
+
+def single_file_family(keys) -> ModelFamily:
+    """The family of a single-file checkpoint, from its tensor names."""
+    for prefix, family in SINGLE_FILE_MARKERS.items():
+        if any(name.startswith(prefix) for name in keys):
+            return family
+    return SD

@@ -1,0 +1,86 @@
+"""What a model family is: the parts of Stable Diffusion that differ between SD 1.x/2.x, SDXL and later families.
+
+A family owns its pipeline class, its tokenizers and text encoders (a list: SDXL has two), how captions become the
+UNet's conditioning (`Conditioning`: the cross-attention context, plus SDXL's pooled embedding and size/crop time
+ids) and how the UNet is called with it. The training core, sampling and evaluation go through a family instead of
+naming SD 1.x components, so a new family is one new module beside `sd.py` and `sdxl.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """The UNet's conditioning for a batch of captions, row i for caption i.
+
+    `context`: the cross-attention context (`encoder_hidden_states`), [B, T, D]. `pooled`: SDXL's pooled text
+    embedding ([B, P], the `text_embeds` of its added conditioning), None for SD 1.x/2.x.
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.context)
+
+    def rows(self, index) -> Conditioning:
+        """The conditioning of the rows `index` selects (an int keeps the batch dimension)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return Conditioning(self.context[index], None if self.pooled is None else self.pooled[index])
+
+    def to(self, *args, **kwargs) -> Conditioning:
+        return Conditioning(*(None if t is None else t.to(*args, **kwargs) for t in dataclasses.astuple(self)))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        pooled = [part.pooled for part in parts]
+        return Conditioning(
+            torch.cat([part.context for part in parts]),
+            None if pooled[0] is None else torch.cat(pooled),
+        )
+
+
+class ModelFamily:
+    """One model family. Subclasses set the attributes and implement `encode` and `unet_kwargs`."""
+
+    name: str = ""
+    """How `base.family` names it."""
+    title: str = ""
+    """How messages name it (`Stable Diffusion 1.x/2.x`)."""
+    pipeline_class: str = ""
+    """The diffusers pipeline class sdpipe loads its models with and writes its folders as."""
+    folder_classes: tuple[str, ...] = ()
+    """Every `model_index.json` `_class_name` of its folders (text-to-image, img2img, inpainting)."""
+    tokenizers: tuple[str, ...] = ()
+    """Its tokenizers' component names, in the order of `text_encoders`."""
+    text_encoders: tuple[str, ...] = ()
+    """Its text encoders' component names."""
+
+    def encode(self, tokenizers: list, text_encoders: list, captions: list[str], device: torch.device) -> Conditioning:
+        """The conditioning of `captions`, computed as the family's diffusers pipeline computes it."""
+        raise NotImplementedError
+
+    def unet_kwargs(self, conditioning: Conditioning, time_ids: torch.Tensor | None) -> dict:
+        """The UNet's keyword arguments besides the latents and timesteps."""
+        raise NotImplementedError
+
+    def predict(
+        self, unet, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning, time_ids=None
+    ) -> torch.Tensor:
+        """The UNet's prediction for noisy `latents` at `timesteps`."""
+        return unet(latents, timesteps, **self.unet_kwargs(conditioning, time_ids), return_dict=False)[0]
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """`captions` padded (or cut) to the tokenizer's length, as every SD pipeline tokenizes a prompt."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
