@@ -172,6 +172,7 @@ def test_manifest_rows(prepared, dataset):
     manifest = read_jsonl(out / "manifest.jsonl")
     assert [row["id"] for row in manifest] == sorted(row["id"] for row in manifest)
     keys = {"id", "file", "source", "sha256", "width", "height", "caption", "caption_source"}
+    keys |= {"original_width", "original_height", "crop_left", "crop_top"}
     for row in manifest:
         assert set(row) == keys
         assert row["file"] == f"images/{row['id']}.png"
@@ -225,6 +226,11 @@ def test_buckets_fit_a_two_to_one_image(tmp_path):
     rows = {row["source"]: row for row in read_jsonl(tmp_path / "out" / "manifest.jsonl")}
     assert (rows["wide.png"]["width"], rows["wide.png"]["height"]) == (40, 24)
     assert (rows["square.png"]["width"], rows["square.png"]["height"]) == (32, 32)
+    # SDXL's size and crop conditioning: 128x64 scaled by 0.375 to 48x24 covers 40x24; the crop starts 4 px in
+    wide = rows["wide.png"]
+    assert (wide["original_width"], wide["original_height"], wide["crop_left"], wide["crop_top"]) == (128, 64, 4, 0)
+    square = rows["square.png"]
+    assert (square["original_width"], square["original_height"], square["crop_left"], square["crop_top"]) == (40, 40, 0, 0)
     with Image.open(tmp_path / "out" / rows["wide.png"]["file"]) as image:
         assert image.size == (40, 24)
     assert report["sizes"] == {"32x32": 1, "40x24": 1}
@@ -382,3 +388,20 @@ def test_stage_script_exit_status(tmp_path):
     assert result.returncode == 1
     assert "broken.png: empty file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_crop_corner_is_where_the_center_crop_of_the_scaled_image_begins(tmp_path):
+    from sdpipe.data.prepare import crop_corner
+
+    assert crop_corner((64, 32), (32, 32)) == (16, 0)  # scaled by 1: 64x32, 16 px cut on each side
+    assert crop_corner((100, 300), (32, 32)) == (0, 32)  # scaled to 32x96
+    assert crop_corner((32, 32), (32, 32)) == (0, 0)
+    folder = tmp_path / "tall"
+    folder.mkdir()
+    pattern(30, 90).save(folder / "tall.png")
+    for crop, corner in [("center", (0, 32)), ("none", (0, 0))]:
+        out = tmp_path / crop
+        prepare_dataset(folder, out, resolution=32, params=PrepareParams(crop=crop))
+        [row] = read_jsonl(out / "manifest.jsonl")
+        assert (row["original_width"], row["original_height"]) == (30, 90)
+        assert (row["crop_left"], row["crop_top"]) == corner

@@ -5,7 +5,8 @@ HuggingFace-imagefolder style `metadata.jsonl`) and writes, atomically, a prepar
 
 - `images/<id>.png`: each usable image, EXIF orientation applied, converted to sRGB RGB (transparency
   composited onto white), cropped and resized to a `resolution` square or to its aspect-ratio bucket;
-- `manifest.jsonl`: one row per prepared image, sorted by id (the `caption` and `encode` stages read it);
+- `manifest.jsonl`: one row per prepared image, sorted by id (the `caption` and `encode` stages read it), with
+  the source image's size and where the crop began (SDXL's size and crop conditioning);
 - `report.json`: counts, the skipped files with the reason, and the warnings (unusable captions or metadata).
 
 Files that cannot be used are skipped and reported, never fatal, unless `prepare.strict` is on. Exact duplicates
@@ -302,6 +303,8 @@ def write_images(
             warnings.append({"source": source, "reason": warning})
 
         size = closest_size(image.size, target_sizes)
+        original = image.size
+        crop_left, crop_top = crop_corner(original, size) if params.crop == "center" else (0, 0)
         if params.crop == "center":
             image = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
         else:
@@ -310,7 +313,18 @@ def write_images(
         file = f"images/{image_id}.png"
         image.save(out_dir / file, format="PNG")
         rows.append(
-            {"id": image_id, "file": file, "source": source, "sha256": sha256, "width": size[0], "height": size[1]}
+            {
+                "id": image_id,
+                "file": file,
+                "source": source,
+                "sha256": sha256,
+                "width": size[0],
+                "height": size[1],
+                "original_width": original[0],
+                "original_height": original[1],
+                "crop_left": crop_left,
+                "crop_top": crop_top,
+            }
         )
     return rows, skipped, warnings
 
@@ -440,6 +454,13 @@ def bucket_sizes(resolution: int, buckets: BucketParams) -> list[tuple[int, int]
             f"base.resolution² = {resolution}²; lower prepare.buckets.min_side"
         )
     return sorted(sizes)
+
+
+def crop_corner(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """Where a center crop of `original` to `size` begins, (left, top), in pixels of the image scaled to cover
+    `size`: SDXL's `crops_coords_top_left` (as its training scripts compute it, transposed to (left, top))."""
+    scale = max(size[0] / original[0], size[1] / original[1])
+    return round((original[0] * scale - size[0]) / 2), round((original[1] * scale - size[1]) / 2)
 
 
 def closest_size(size: tuple[int, int], target_sizes: list[tuple[int, int]]) -> tuple[int, int]:
