@@ -87,3 +87,11 @@ def test_family_of_a_folder_and_of_single_file_keys(tmp_path):
         folder_family(tmp_path)
     assert single_file_family(["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]) is SDXL
     assert single_file_family(["cond_stage_model.transformer.text_model.embeddings.position_ids"]) is SD
+
+
+def test_an_sdxl_folder_is_refused_as_a_base_not_loaded_as_sd(tiny_sdxl_dir):
+    from sdpipe.models.loading import load_pipeline, load_text_encoder
+
+    for load in (load_pipeline, load_text_encoder):
+        with pytest.raises(SdpipeError, match=r"base\.base_model .* is a Stable Diffusion XL folder \(StableDiffusionXLPipeline\)"):
+            load(str(tiny_sdxl_dir))

@@ -13,7 +13,12 @@ from sdpipe.families.sdxl import SDXL
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD, SDXL)}
 SINGLE_FILE_MARKERS = {"conditioner.embedders.": SDXL}  # a key prefix only that family's checkpoints have
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "folder_family", "single_file_family"]
+__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "family_of_class", "folder_family", "single_file_family"]
+
+
+def family_of_class(class_name: str) -> ModelFamily | None:
+    """The family whose folders a `model_index.json` `_class_name` names, or None."""
+    return next((family for family in FAMILIES.values() if class_name in family.folder_classes), None)
 
 
 def folder_family(folder: str | Path, *, key: str = "base.base_model") -> ModelFamily:
@@ -23,9 +28,9 @@ def folder_family(folder: str | Path, *, key: str = "base.base_model") -> ModelF
         class_name = json.loads(index_path.read_text())["_class_name"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SdpipeError(f"{key}: cannot read the pipeline class from {index_path} ({error})") from error
-    for family in FAMILIES.values():
-        if class_name in family.folder_classes:
-            return family
+    family = family_of_class(class_name)
+    if family is not None:
+        return family
     known = ", ".join(f"{family.pipeline_class} ({family.title})" for family in FAMILIES.values())
     raise SdpipeError(f"{key}: {index_path} is a {class_name} folder; sdpipe reads {known}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from rich.markup import escape
 from safetensors import SafetensorError
 
 from sdpipe.errors import SdpipeError
+from sdpipe.families import SD, family_of_class
 from sdpipe.progress import log
 
 ModelSource = Literal["folder", "single_file", "hub"]
@@ -114,6 +116,7 @@ def classify_model_source(base_model: str, *, key: str = BASE_MODEL_KEY) -> Mode
                 f"{key} {base_model!r} is a folder without model_index.json; expected a diffusers Stable Diffusion "
                 "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
+        refuse_other_families(path, key)
         return "folder"
     if path.is_file():
         suffix = path.suffix.lower()
@@ -137,6 +140,21 @@ def classify_model_source(base_model: str, *, key: str = BASE_MODEL_KEY) -> Mode
     if HUB_ID.match(base_model):
         return "hub"
     raise SdpipeError(f"{key} {base_model!r} is not an existing folder or file, nor a Hugging Face Hub id (owner/name)")
+
+
+def refuse_other_families(folder: Path, key: str) -> None:
+    """Raises for a folder of a model family sdpipe does not train and sample yet (SDXL), rather than loading its
+    first text encoder and UNet as if it were SD 1.x and failing later."""
+    try:
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable index fails where the pipeline is loaded, with the loader's message
+    family = family_of_class(str(class_name))
+    if family is not None and family is not SD:
+        raise SdpipeError(
+            f"{key} {str(folder)!r} is a {family.title} folder ({class_name}); sdpipe trains and samples "
+            f"{SD.title} models only so far"
+        )
 
 
 def looks_like_path(text: str) -> bool:
