@@ -17,13 +17,13 @@ class PretrainParams(Section):
     crosses: int = Field(default=3000, ge=0)
     """Rendered crosses (the seen-but-unnamed shape), captioned with the generic word: `a small red shape`."""
 
-    cross_named_share: float = Field(default=0.8, ge=0, le=1)
+    cross_named_share: float = Field(default=0.15, ge=0, le=1)
     """Share of the crosses' caption variants that use its rare word (`a small red plus`) instead of the generic one.
     A cross that is never named is one no conditioning of the frozen UNet draws reliably (the measured ceiling was
-    0.58): like the many things real SD has seen under a word its users do not know, it must be reachable from some
-    text. The tiny UNet learns a word from a few thousand named scenes, not a few hundred: at 0.15 (about 450 named
-    crosses) it drew a cross for `a <color> plus` 0.25 of the time, no more than for `a <color> shape`, and it draws
-    no spark by its name (about 600 named scenes each)."""
+    0.58): like the many things real SD has seen under a word its users do not know, it should be reachable from
+    some text. Measured: at 0.15 (about 450 named crosses) the base drew a cross for `a <color> plus` 0.25 of the
+    time, as for `a <color> shape`; at 0.8 `a <color> plus` gave 0.34 crosses, mostly triangles, and `a <color>
+    triangle` came out a cross 4 times in 32, so 0.8 did not make the word usable and cost the named shapes."""
 
     generic_share: float = Field(default=0.5, ge=0, le=1)
     """Share of the named shapes' and sparks' caption variants that use the generic word (`a red shape`) instead of
