@@ -13,7 +13,7 @@ from sdpipe.families.sdxl import SDXL
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD, SDXL)}
 SINGLE_FILE_MARKERS = {"conditioner.embedders.": SDXL}  # a key prefix only that family's checkpoints have
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "family_of_class", "folder_family", "single_file_family"]
+__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "family_of_class", "folder_class_name", "folder_family", "single_file_family"]
 
 
 def family_of_class(class_name: str) -> ModelFamily | None:
@@ -21,11 +21,17 @@ def family_of_class(class_name: str) -> ModelFamily | None:
     return next((family for family in FAMILIES.values() if class_name in family.folder_classes), None)
 
 
+def folder_class_name(folder: str | Path) -> str:
+    """The pipeline class a diffusers folder's `model_index.json` names; raises OSError, ValueError, KeyError or
+    TypeError when it cannot be read."""
+    return json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+
+
 def folder_family(folder: str | Path, *, key: str = "base.base_model") -> ModelFamily:
     """The family of a diffusers folder, from its `model_index.json`."""
     index_path = Path(folder) / "model_index.json"
     try:
-        class_name = json.loads(index_path.read_text())["_class_name"]
+        class_name = folder_class_name(folder)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SdpipeError(f"{key}: cannot read the pipeline class from {index_path} ({error})") from error
     family = family_of_class(class_name)

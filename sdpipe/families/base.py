@@ -8,7 +8,6 @@ naming SD 1.x components, so a new family is one new module beside `sd.py` and `
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +31,6 @@ class Conditioning:
         """The conditioning of the rows `index` selects (an int keeps the batch dimension)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
         return Conditioning(self.context[index], None if self.pooled is None else self.pooled[index])
-
-    def to(self, *args, **kwargs) -> Conditioning:
-        return Conditioning(*(None if t is None else t.to(*args, **kwargs) for t in dataclasses.astuple(self)))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from rich.markup import escape
 from safetensors import SafetensorError
 
 from sdpipe.errors import SdpipeError
-from sdpipe.families import SD, family_of_class
+from sdpipe.families import SD, family_of_class, folder_class_name
 from sdpipe.progress import log
 
 ModelSource = Literal["folder", "single_file", "hub"]
@@ -146,8 +145,8 @@ def refuse_other_families(folder: Path, key: str) -> None:
     """Raises for a folder of a model family sdpipe does not train and sample yet (SDXL), rather than loading its
     first text encoder and UNet as if it were SD 1.x and failing later."""
     try:
-        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-    except (OSError, ValueError, AttributeError):
+        class_name = folder_class_name(folder)
+    except (OSError, ValueError, KeyError, TypeError):
         return  # an unreadable index fails where the pipeline is loaded, with the loader's message
     family = family_of_class(str(class_name))
     if family is not None and family is not SD:

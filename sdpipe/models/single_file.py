@@ -26,13 +26,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sdpipe.errors import SdpipeError
+from sdpipe.families import SD, single_file_family
 from sdpipe.io import SafetensorsWriter, atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x files (OpenCLIP text encoder)
-SDXL_PREFIX = "conditioner.embedders."  # SDXL files: not Stable Diffusion 1.x/2.x, refused
+SDXL_PREFIX = "conditioner.embedders."  # SDXL files: not Stable Diffusion 1.x/2.x, refused (families.SINGLE_FILE_MARKERS)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -383,7 +384,7 @@ def load_single_file_pipeline(
             f"the architecture of {path}"
         )
     keys = check_safetensors_file(path)
-    if any(key.startswith(SDXL_PREFIX) for key in keys):
+    if single_file_family(keys) is not SD:
         raise SdpipeError(
             f"single-file checkpoint {path}: an SDXL checkpoint (keys {SDXL_PREFIX!r}); only Stable Diffusion 1.x/2.x "
             "single files are supported"
