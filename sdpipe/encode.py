@@ -5,6 +5,9 @@ safetensors file, atomically:
 
 - `"<id>"`: the latents of the image, fp32, shape `[C, height / f, width / f]` (f: the VAE's downscale factor);
 - `"<id>.flip"`: the latents of the image flipped left-right, when `encode.flip` is on;
+- `"<id>.time_ids"` (and `"<id>.flip.time_ids"`), for a model family whose UNet takes them (SDXL): the image's
+  original height and width, the top and left of its crop and its height and width, as SDXL's training scripts
+  compute them (a flipped image's crop is mirrored);
 - metadata: `scaling_factor`, `shift_factor` ("none" when the VAE has none), `base_model`, `model_fingerprint`,
   `mode`, `flip` and `count` (the number of images), so that a train stage can check that the latents come from
   its base model.
@@ -28,10 +31,12 @@ from safetensors import SafetensorError, safe_open
 from sdpipe.config.encode import EncodeParams
 from sdpipe.errors import SdpipeError
 from sdpipe.io import atomic_path, read_jsonl, save_safetensors
-from sdpipe.models.loading import model_fingerprint
+from sdpipe.families.sdxl import time_ids
+from sdpipe.models.loading import model_family, model_fingerprint
 from sdpipe.progress import log, track
 
 FLIP_SUFFIX = ".flip"
+TIME_IDS_SUFFIX = ".time_ids"
 
 
 def encode_dataset(
@@ -60,6 +65,8 @@ def encode_dataset(
         pixels = torch.stack([load_pixels(prepared_dir, row, flip) for _, row, flip in batch])
         keys = [key for key, _, _ in batch]
         latents.update(zip(keys, encode_pixels(vae, pixels, keys, params.mode, seed, device), strict=True))
+    if model_family(base_model).size_conditioning:
+        latents.update({key + TIME_IDS_SUFFIX: image_time_ids(row, flip) for key, row, flip in items})
 
     shift_factor = getattr(vae.config, "shift_factor", None)
     metadata = {
@@ -96,6 +103,18 @@ def dataset_images(prepared_dir: Path) -> list[Image.Image]:
         with Image.open(prepared_dir / row["file"]) as image:
             images.append(image.convert("RGB"))
     return images
+
+
+def image_time_ids(row: dict, flip: bool) -> torch.Tensor:
+    """SDXL's time ids of a prepared image (a manifest row), or of its mirror image. Rows written before `prepare`
+    recorded sizes and crops count as uncropped images of their own size."""
+    size = (row["width"], row["height"])
+    original = (row.get("original_width", size[0]), row.get("original_height", size[1]))
+    left, top = row.get("crop_left", 0), row.get("crop_top", 0)
+    if flip:  # the crop's left edge in the mirrored scaled image
+        scale = max(size[0] / original[0], size[1] / original[1])
+        left = round(original[0] * scale - size[0]) - left
+    return time_ids([(original[1], original[0])], [(top, left)], (size[1], size[0]))[0]
 
 
 def size_batches(items: list[tuple], batch_size: int):

@@ -40,14 +40,18 @@ def write_star_dataset():
     return _write_star_dataset
 
 
-def _write_star_dataset(root, count: int = 6) -> None:
-    """What `encode` and `caption` would write for `count` images of the `star` dataset."""
+def _write_star_dataset(root, count: int = 6, time_ids: bool = False) -> None:
+    """What `encode` and `caption` would write for `count` images of the `star` dataset (with `time_ids`: what it
+    writes for an SDXL base, whose UNet takes each image's size and crop)."""
     generator = torch.Generator().manual_seed(0)
     latents, rows = {}, []
     for index in range(count):
         image_id = f"star_{index:02d}"
         latents[image_id] = torch.randn(4, 8, 8, generator=generator)
         latents[f"{image_id}.flip"] = torch.flip(latents[image_id], dims=[-1])
+        if time_ids:  # a 48x32 original center-cropped to 32x32 (8 px off each side), and its mirror image
+            latents[f"{image_id}.time_ids"] = torch.tensor([32.0, 48.0, 0.0, 8.0, 32.0, 32.0])
+            latents[f"{image_id}.flip.time_ids"] = torch.tensor([32.0, 48.0, 0.0, 8.0, 32.0, 32.0])
         color = ("red", "blue", "green")[index % 3]
         caption = f"a {color} sks shape"
         rows.append({"id": image_id, "file": f"images/{image_id}.png", "caption": caption, "caption_source": "sidecar"})

@@ -89,9 +89,16 @@ def test_family_of_a_folder_and_of_single_file_keys(tmp_path):
     assert single_file_family(["cond_stage_model.transformer.text_model.embeddings.position_ids"]) is SD
 
 
-def test_an_sdxl_folder_is_refused_as_a_base_not_loaded_as_sd(tiny_sdxl_dir):
-    from sdpipe.models.loading import load_pipeline, load_text_encoder
+def test_an_sdxl_folder_loads_as_sdxl_with_both_text_encoders(tiny_sdxl_dir, tiny_sd_dir):
+    from sdpipe.models.loading import load_pipeline, load_text_encoder, load_tokenizer, model_family
 
-    for load in (load_pipeline, load_text_encoder):
-        with pytest.raises(SdpipeError, match=r"base\.base_model .* is a Stable Diffusion XL folder \(StableDiffusionXLPipeline\)"):
-            load(str(tiny_sdxl_dir))
+    assert model_family(str(tiny_sdxl_dir)) is SDXL and model_family(str(tiny_sd_dir)) is SD
+    pipe = load_pipeline(str(tiny_sdxl_dir))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    second = load_text_encoder(str(tiny_sdxl_dir), subfolder="text_encoder_2")
+    for name, tensor in second.state_dict().items():
+        torch.testing.assert_close(tensor, pipe.text_encoder_2.state_dict()[name], rtol=0, atol=0)
+    assert load_tokenizer(str(tiny_sdxl_dir), subfolder="tokenizer_2").pad_token == "!"
+    with pytest.raises(SdpipeError, match=r"is a Stable Diffusion 1.x/2.x model; it has no text_encoder_2"):
+        load_text_encoder(str(tiny_sd_dir), subfolder="text_encoder_2")

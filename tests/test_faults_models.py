@@ -152,13 +152,13 @@ def test_sd2_shaped_file_with_an_sd1_config(single_file_tensors, tiny_sd_dir, tm
     assert "another architecture or Stable Diffusion version" in str(caught.value)
 
 
-def test_sdxl_file_is_refused(single_file_tensors, tiny_sd_dir, tmp_path):
+def test_sdxl_file_with_an_sd_config_folder_names_both(single_file_tensors, tiny_sd_dir, tmp_path):
     tensors = {key: value for key, value in single_file_tensors.items() if not key.startswith("cond_stage_model.")}
     tensors["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(64)
     tensors["conditioner.embedders.1.model.positional_embedding"] = torch.zeros(77, 64)
     path = tmp_path / "sdxl.safetensors"
     save_file(tensors, path)
-    with pytest.raises(SdpipeError, match=rf"{path}: an SDXL checkpoint"):
+    with pytest.raises(SdpipeError, match=rf"{path}' is a Stable Diffusion XL checkpoint but base.base_model_config .* is a Stable Diffusion 1.x/2.x folder"):
         load_pipeline(str(path), str(tiny_sd_dir))
 
 

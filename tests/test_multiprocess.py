@@ -32,7 +32,7 @@ from sdpipe.config.train import MethodParams, TrainCommon
 from sdpipe.errors import SdpipeError
 from sdpipe.training import TrainingMethod, run_training
 from sdpipe.training.checkpoints import list_checkpoints
-from sdpipe.training.data import Example, LatentBatches, PriorPreservation
+from sdpipe.training.data import Batch, Example, LatentBatches, PriorPreservation
 from sdpipe.training.loop import TrainingData, diffusion_losses, draw_micro_batch, load_models
 from sdpipe.training.processes import LAUNCHED, ProcessShare, launch_command, needs_launch
 
@@ -107,12 +107,16 @@ def test_the_losses_of_two_process_shares_average_to_the_loss_of_the_whole_micro
     common = TrainCommon(snr_gamma=5.0, noise_offset=0.1)
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     captions = ["a red sks shape", "a blue sks shape", "a green shape", "a shape"]
+    keys = ["a", "b", "c", "d"]
     method = Captions(MethodParams())
 
     def losses(share: ProcessShare) -> list[torch.Tensor]:
         rows = share.rows(len(captions) // share.count)
         with torch.no_grad():
-            parts = [(latents[rows], captions[rows]), (latents.flip(0)[rows], captions[::-1][rows])]
+            parts = [
+                Batch(latents[rows], captions[rows], keys[rows]),
+                Batch(latents.flip(0)[rows], captions[::-1][rows], keys[rows]),
+            ]
             return diffusion_losses(
                 method, models, parts, None, torch.Generator().manual_seed(7), common, accelerator, share
             )

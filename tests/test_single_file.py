@@ -185,8 +185,8 @@ def test_refuses_what_the_sd1_layout_cannot_hold(single_file, tiny_sd_dir, tmp_p
                 "layer_norm2", "mlp.fc1", "mlp.fc2")},
             "encoder.layers.0.extra.weight": torch.zeros(1),
         })
-    with pytest.raises(SdpipeError, match="add_embedding.linear_1.weight"):
-        unet_to_original({"add_embedding.linear_1.weight": torch.zeros(1)}, SD15_UNET)
+    with pytest.raises(SdpipeError, match="class_embedding.linear_1.weight"):
+        unet_to_original({"class_embedding.linear_1.weight": torch.zeros(1)}, SD15_UNET)
     with pytest.raises(SdpipeError, match="ending in .safetensors"):
         save_single_file(tiny_sd_dir, tmp_path / "model.ckpt")
     with pytest.raises(SdpipeError, match="model_index.json"):

@@ -233,7 +233,7 @@ def test_class_images_add_their_weighted_loss_whether_or_not_they_share_the_pass
     # each part on its own, drawing from the generator in the same order (its noise, then its timesteps)
     generator = torch.Generator().manual_seed(7)
     expected = [
-        diffusion_losses(toy(), models, [(part.latents, part.captions)], None, generator, common, accelerator)[0]
+        diffusion_losses(toy(), models, [part], None, generator, common, accelerator)[0]
         for part in (images, class_images)
     ]
     assert not torch.allclose(expected[0], expected[1])

@@ -56,6 +56,27 @@ class ModelFamily:
     """Its tokenizers' component names, in the order of `text_encoders`."""
     text_encoders: tuple[str, ...] = ()
     """Its text encoders' component names."""
+    text_encoder_classes: tuple[str, ...] = ()
+    """The transformers class of each text encoder."""
+    size_conditioning: bool = False
+    """Its UNet takes each image's original size and crop (SDXL's time ids): `encode` caches them beside the latents."""
+    single_file_text_prefixes: tuple[str, ...] = ()
+    """Where its original-layout single files keep the text encoders' weights."""
+    pipeline_kwargs: dict = {}
+    """What sdpipe passes when it builds or loads the family's pipeline, besides its components (SD 1.x: no
+    safety checker)."""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components of its diffusers folders that sdpipe loads."""
+        return ("unet", "vae", "scheduler", *self.tokenizers, *self.text_encoders)
+
+    def pipeline(self, **components):
+        """A new pipeline of the family's class made of `components` (those not given are None)."""
+        import diffusers
+
+        pipeline_class = getattr(diffusers, self.pipeline_class)
+        return pipeline_class(**{"feature_extractor": None, **self.pipeline_kwargs, **components})
 
     def encode(self, tokenizers: list, text_encoders: list, captions: list[str], device: torch.device) -> Conditioning:
         """The conditioning of `captions`, computed as the family's diffusers pipeline computes it."""

@@ -14,6 +14,9 @@ class StableDiffusion(ModelFamily):
     folder_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     tokenizers = ("tokenizer",)
     text_encoders = ("text_encoder",)
+    text_encoder_classes = ("CLIPTextModel",)
+    single_file_text_prefixes = ("cond_stage_model.",)
+    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
     def encode(self, tokenizers, text_encoders, captions, device) -> Conditioning:
         [tokenizer], [text_encoder] = tokenizers, text_encoders

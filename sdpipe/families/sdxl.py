@@ -16,6 +16,10 @@ class StableDiffusionXL(ModelFamily):
     folder_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
     tokenizers = ("tokenizer", "tokenizer_2")
     text_encoders = ("text_encoder", "text_encoder_2")
+    text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    size_conditioning = True
+    single_file_text_prefixes = ("conditioner.embedders.",)
+    pipeline_kwargs = {"add_watermarker": False}  # the invisible watermark needs a package sdpipe does not install
 
     def encode(self, tokenizers, text_encoders, captions, device) -> Conditioning:
         contexts, pooled = [], None

@@ -62,6 +62,9 @@ class Method:
     own_metrics: bool = False
     """`evaluate` reports its module's `evaluation_metrics` instead of scoring sampled images."""
 
+    families: tuple[str, ...] = ("sd",)
+    """The model families (`sdpipe.families`) it trains; a base of another family is refused before any work."""
+
     @property
     def module_name(self) -> str:
         return f"sdpipe.methods.{self.name}"
@@ -72,7 +75,21 @@ class Method:
 
     def train(self, params, out_dir):
         """Runs the `train@<name>` stage into `out_dir`; returns its metrics."""
+        self.check_family(params.base)
         return self.module().train(params, out_dir)
+
+    def check_family(self, base) -> None:
+        """Refuses a base model of a family the method does not train."""
+        from sdpipe.errors import SdpipeError
+        from sdpipe.models.loading import model_family
+
+        family = model_family(base.base_model, base.base_model_config)
+        if family.name not in self.families:
+            able = ", ".join(name for name, method in METHODS.items() if family.name in method.families)
+            raise SdpipeError(
+                f"train.{self.name} does not train {family.title} models yet, and base.base_model "
+                f"{base.base_model!r} is one; the methods that do: {able}"
+            )
 
     def sampling_pipeline(self, params, model_dir, device):
         """The trained model of `model_dir` as a pipeline on `device`, and the word that names its concept."""
@@ -100,12 +117,14 @@ METHODS: dict[str, Method] = {
             "FinetuneParams",
             "full_model",
             "Full fine-tuning of the UNet (optionally the text encoder), with EMA: diffusers folder + single file.",
+            families=("sd", "sdxl"),
         ),
         Method(
             "dreambooth",
             "DreamBoothParams",
             "full_model",
             "DreamBooth with prior preservation: diffusers folder + single file.",
+            families=("sd", "sdxl"),
         ),
         Method(
             "lora",

@@ -29,7 +29,7 @@ from rich.markup import escape
 from safetensors import SafetensorError
 
 from sdpipe.errors import SdpipeError
-from sdpipe.families import SD, family_of_class, folder_class_name
+from sdpipe.families import ModelFamily, folder_family, single_file_family
 from sdpipe.progress import log
 
 ModelSource = Literal["folder", "single_file", "hub"]
@@ -43,7 +43,9 @@ REQUIRED_FILES = {
     "unet": (("config.json",),),
     "vae": (("config.json",),),
     "text_encoder": (("config.json",),),
+    "text_encoder_2": (("config.json",),),
     "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "tokenizer_2": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
     "scheduler": (("scheduler_config.json",),),
 }
 TORCH_SIZE = r"torch\.Size\((\[[^\]]*\])\)"  # `torch.Size([64, 1024])`, capturing `[64, 1024]`
@@ -115,7 +117,6 @@ def classify_model_source(base_model: str, *, key: str = BASE_MODEL_KEY) -> Mode
                 f"{key} {base_model!r} is a folder without model_index.json; expected a diffusers Stable Diffusion "
                 "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
-        refuse_other_families(path, key)
         return "folder"
     if path.is_file():
         suffix = path.suffix.lower()
@@ -141,19 +142,32 @@ def classify_model_source(base_model: str, *, key: str = BASE_MODEL_KEY) -> Mode
     raise SdpipeError(f"{key} {base_model!r} is not an existing folder or file, nor a Hugging Face Hub id (owner/name)")
 
 
-def refuse_other_families(folder: Path, key: str) -> None:
-    """Raises for a folder of a model family sdpipe does not train and sample yet (SDXL), rather than loading its
-    first text encoder and UNet as if it were SD 1.x and failing later."""
-    try:
-        class_name = folder_class_name(folder)
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # an unreadable index fails where the pipeline is loaded, with the loader's message
-    family = family_of_class(str(class_name))
-    if family is not None and family is not SD:
-        raise SdpipeError(
-            f"{key} {str(folder)!r} is a {family.title} folder ({class_name}); sdpipe trains and samples "
-            f"{SD.title} models only so far"
-        )
+def model_family(base_model: str, config: str | None = None, *, key: str = BASE_MODEL_KEY) -> ModelFamily:
+    """The model family of `base_model`: from a folder's (or a cached hub model's) `model_index.json`, or from a
+    single file's tensor names, which must agree with its `config` folder's family."""
+    source = classify_model_source(base_model, key=key)
+    if source == "single_file":
+        from sdpipe.models.single_file import check_safetensors_file
+
+        path = Path(base_model).expanduser()
+        family = single_file_family(check_safetensors_file(path))
+        if config is not None:
+            config_family = folder_family(Path(config).expanduser(), key="base.base_model_config")
+            if config_family is not family:
+                raise SdpipeError(
+                    f"{key} {base_model!r} is a {family.title} checkpoint but base.base_model_config {config!r} is a "
+                    f"{config_family.title} folder; the config folder must describe the file's architecture"
+                )
+        return family
+    if source == "folder":
+        return folder_family(Path(base_model).expanduser(), key=key)
+
+    def model_index(local_files_only: bool) -> str:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(base_model, "model_index.json", local_files_only=local_files_only)
+
+    return folder_family(Path(load_pretrained(base_model, source, model_index, "model_index.json", key)).parent, key=key)
 
 
 def looks_like_path(text: str) -> bool:
@@ -180,16 +194,18 @@ def load_pipeline(
     components: dict | None = None,
     key: str = BASE_MODEL_KEY,
 ):
-    """The `StableDiffusionPipeline` of `base_model` (a folder, single file or hub id), in `dtype` on `device`.
+    """The pipeline of `base_model` (a folder, single file or hub id) in its family's class
+    (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`), in `dtype` on `device`.
 
     `config` is the local diffusers folder that describes a single-file checkpoint's architecture
     (`base.base_model_config`); it is required for single files and ignored otherwise. `components`
     replaces loaded components (`{"unet": my_unet}`). The safety checker is never loaded.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     components = dict(components or {})
     source = classify_model_source(base_model, key=key)
+    family = model_family(base_model, config if source == "single_file" else None, key=key)
     if source == "single_file":
         from sdpipe.models.single_file import load_single_file_pipeline
 
@@ -200,21 +216,24 @@ def load_pipeline(
             )
         pipe = load_single_file_pipeline(Path(base_model).expanduser(), config, torch_dtype=dtype, **components)
     else:
-        components.setdefault("safety_checker", None)
+        components = {**family.pipeline_kwargs, **components}
         if source == "folder":
-            for name in [name for name in REQUIRED_FILES if name not in components]:
+            for name in [name for name in family.components if name not in components]:
                 require_component(base_model, name, key)
         # Loaded one by one so that each is checked against its config: diffusers' pipeline loader would let a
         # text encoder with missing weights through, randomly initialized.
-        for name, load_component in (("unet", load_unet), ("vae", load_vae), ("text_encoder", load_text_encoder)):
+        for name, load_component in (("unet", load_unet), ("vae", load_vae)):
             if name not in components:
                 components[name] = load_component(base_model, dtype=dtype, device=device, key=key)
+        for name in family.text_encoders:
+            if name not in components:
+                components[name] = load_text_encoder(base_model, dtype=dtype, device=device, key=key, subfolder=name)
+        pipeline_class = getattr(diffusers, family.pipeline_class)
 
         def load(local_files_only: bool):
-            return StableDiffusionPipeline.from_pretrained(
+            return pipeline_class.from_pretrained(
                 model_location(base_model, source),
                 torch_dtype=dtype,
-                requires_safety_checker=False,
                 local_files_only=local_files_only,
                 use_safetensors=True,
                 **components,
@@ -259,18 +278,23 @@ def load_text_encoder(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     key: str = BASE_MODEL_KEY,
+    subfolder: str = "text_encoder",
 ):
-    """The CLIP `text_encoder` of `base_model`."""
-    from transformers import CLIPTextModel
+    """The text encoder `subfolder` of `base_model` (SDXL's second is `text_encoder_2`), in its family's class."""
+    import transformers
 
-    return load_model_component(CLIPTextModel, "text_encoder", base_model, config, dtype, device, key)
+    family = model_family(base_model, config, key=key)
+    if subfolder not in family.text_encoders:
+        raise SdpipeError(f"{key} {base_model!r} is a {family.title} model; it has no {subfolder}")
+    class_name = family.text_encoder_classes[family.text_encoders.index(subfolder)]
+    return load_model_component(getattr(transformers, class_name), subfolder, base_model, config, dtype, device, key)
 
 
-def load_tokenizer(base_model: str, config: str | None = None, *, key: str = BASE_MODEL_KEY):
-    """The CLIP tokenizer of `base_model` (of the `config` folder for a single-file checkpoint)."""
+def load_tokenizer(base_model: str, config: str | None = None, *, key: str = BASE_MODEL_KEY, subfolder: str = "tokenizer"):
+    """The CLIP tokenizer `subfolder` of `base_model` (of the `config` folder for a single-file checkpoint)."""
     from transformers import CLIPTokenizer
 
-    return load_config_component(CLIPTokenizer, "tokenizer", base_model, config, key)
+    return load_config_component(CLIPTokenizer, subfolder, base_model, config, key)
 
 
 def load_noise_scheduler(base_model: str, config: str | None = None, *, key: str = BASE_MODEL_KEY):

@@ -26,14 +26,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sdpipe.errors import SdpipeError
-from sdpipe.families import SD, single_file_family
+from sdpipe.families import SD, SDXL, ModelFamily, family_of_class, folder_family, single_file_family
 from sdpipe.io import SafetensorsWriter, atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x files (OpenCLIP text encoder)
-SDXL_PREFIX = "conditioner.embedders."  # SDXL files: not Stable Diffusion 1.x/2.x, refused (families.SINGLE_FILE_MARKERS)
+SDXL_PREFIX = "conditioner.embedders."  # SDXL files' two text encoders (families.SINGLE_FILE_MARKERS)
+SDXL_CLIP_L_PREFIX = SDXL_PREFIX + "0.transformer."  # CLIP ViT-L, transformers' keys
+SDXL_OPEN_CLIP_PREFIX = SDXL_PREFIX + "1.model."  # OpenCLIP ViT-bigG, OpenCLIP's layout with its text projection
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -86,6 +88,8 @@ def unet_prefix_map(unet_config: Mapping) -> PrefixMap:
     prefixes: PrefixMap = {
         "time_embedding.linear_1.": ("time_embed.0.", NO_RENAMES),
         "time_embedding.linear_2.": ("time_embed.2.", NO_RENAMES),
+        "add_embedding.linear_1.": ("label_emb.0.0.", NO_RENAMES),  # SDXL's added (pooled text + size) conditioning
+        "add_embedding.linear_2.": ("label_emb.0.2.", NO_RENAMES),
         "conv_in.": ("input_blocks.0.0.", NO_RENAMES),
         "conv_norm_out.": ("out.0.", NO_RENAMES),
         "conv_out.": ("out.2.", NO_RENAMES),
@@ -255,16 +259,35 @@ def open_clip_text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -
     return original
 
 
-def pipeline_to_original(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The whole single-file state dict of a UNet, VAE and text encoder, with the original prefixes."""
+def open_clip_projection_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (a transformers `CLIPTextModelWithProjection` state dict) in the OpenCLIP layout,
+    without `conditioner.embedders.1.model.`: the text tower as SD 2.x's, and `text_projection` as OpenCLIP keeps it
+    ([width, projection], applied as `x @ text_projection`: the transpose of the linear layer's weight)."""
+    weights = dict(state_dict)
+    projection = weights.pop("text_projection.weight")
+    return {**open_clip_text_encoder_to_original(weights), "text_projection": projection.T}
+
+
+def text_encoders_to_original(family: ModelFamily, text_encoders: list) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """The family's text encoders in original keys, each with its single-file prefix."""
+    if family is SDXL:
+        clip_l, open_clip_g = text_encoders
+        return [
+            (SDXL_CLIP_L_PREFIX, text_encoder_to_original(clip_l.state_dict())),
+            (SDXL_OPEN_CLIP_PREFIX, open_clip_projection_to_original(open_clip_g.state_dict())),
+        ]
+    [text_encoder] = text_encoders
     if is_open_clip(text_encoder.config):
-        text_encoder_part = (OPEN_CLIP_PREFIX, open_clip_text_encoder_to_original(text_encoder.state_dict()))
-    else:
-        text_encoder_part = (TEXT_ENCODER_PREFIX, text_encoder_to_original(text_encoder.state_dict()))
+        return [(OPEN_CLIP_PREFIX, open_clip_text_encoder_to_original(text_encoder.state_dict()))]
+    return [(TEXT_ENCODER_PREFIX, text_encoder_to_original(text_encoder.state_dict()))]
+
+
+def pipeline_to_original(family: ModelFamily, unet, vae, text_encoders: list) -> dict[str, torch.Tensor]:
+    """The whole single-file state dict of a UNet, VAE and the family's text encoders, with the original prefixes."""
     parts = [
         (UNET_PREFIX, unet_to_original(unet.state_dict(), unet.config)),
         (VAE_PREFIX, vae_to_original(vae.state_dict())),
-        text_encoder_part,
+        *text_encoders_to_original(family, text_encoders),
     ]
     return {prefix + key: tensor for prefix, converted in parts for key, tensor in converted.items()}
 
@@ -278,10 +301,11 @@ def save_single_file(
     dtype: torch.dtype | str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Writes the UNet, VAE and text encoder as one original-layout `.safetensors` file, atomically.
+    """Writes the UNet, VAE and text encoders as one original-layout `.safetensors` file, atomically (SD 1.x/2.x's
+    layout, or SDXL's: `conditioner.embedders.0` and `.1` for its two text encoders).
 
-    `pipeline_or_folder` is a pipeline object (anything with `.unet`, `.vae`, `.text_encoder`) or a
-    diffusers folder. `dtype` (a torch dtype or "fp32"/"fp16"/"bf16") casts the floating-point weights;
+    `pipeline_or_folder` is a pipeline object of a family's class (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`) or a diffusers folder. `dtype` (a torch dtype or "fp32"/"fp16"/"bf16") casts the floating-point weights;
     `metadata` is stored in the safetensors header. Returns `path`.
     """
     path = Path(path)
@@ -291,12 +315,14 @@ def save_single_file(
         raise SdpipeError(f"single-file checkpoint {path}: metadata must map strings to strings, got {metadata!r}")
     cast_to = resolve_dtype(dtype)
     if isinstance(pipeline_or_folder, (str, Path)):
-        unet, vae, text_encoder = load_folder_models(Path(pipeline_or_folder))
+        models = load_folder_models(Path(pipeline_or_folder))
     else:
-        unet, vae, text_encoder = pipeline_or_folder.unet, pipeline_or_folder.vae, pipeline_or_folder.text_encoder
+        pipeline = pipeline_or_folder
+        family = family_of_class(type(pipeline).__name__) or SD
+        models = family, pipeline.unet, pipeline.vae, [getattr(pipeline, name) for name in family.text_encoders]
     # The models' own tensors under original keys (no copies); each is cast and written one at a time, so the
     # write needs one tensor's memory beyond the models.
-    state_dict = pipeline_to_original(unet, vae, text_encoder)
+    state_dict = pipeline_to_original(*models)
     layout = {
         key: (tuple(tensor.shape), cast_to if cast_to is not None and tensor.is_floating_point() else tensor.dtype)
         for key, tensor in state_dict.items()
@@ -316,18 +342,23 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load_folder_models(folder: Path):
-    """The UNet, VAE and text encoder of a diffusers Stable Diffusion folder."""
+def load_folder_models(folder: Path) -> tuple[ModelFamily, object, object, list]:
+    """The family, UNet, VAE and text encoders of a diffusers Stable Diffusion (1.x/2.x or XL) folder."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
-    missing = [name for name in ("unet", "vae", "text_encoder") if not (folder / name / "config.json").is_file()]
+    family = folder_family(folder, key=f"diffusers folder {folder}")
+    needed = ("unet", "vae", *family.text_encoders)
+    missing = [name for name in needed if not (folder / name / "config.json").is_file()]
     if missing:
         raise SdpipeError(f"diffusers folder {folder}: missing {', '.join(f'{m}/config.json' for m in missing)}")
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, use_safetensors=True)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)
-    return unet, vae, text_encoder
+    text_encoders = [
+        getattr(transformers, class_name).from_pretrained(folder / name, local_files_only=True, use_safetensors=True)
+        for name, class_name in zip(family.text_encoders, family.text_encoder_classes)
+    ]
+    return family, unet, vae, text_encoders
 
 
 def load_single_file_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -354,7 +385,8 @@ def check_safetensors_file(path: Path) -> list[str]:
 def load_single_file_pipeline(
     path: str | Path, config: str | Path, torch_dtype: torch.dtype | None = None, **components
 ):
-    """A `StableDiffusionPipeline` from an original-layout single file, without touching the network.
+    """The pipeline of an original-layout single file, in its family's class (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`), without touching the network.
 
     What the user must pass to diffusers, and what this function passes:
 
@@ -375,7 +407,7 @@ def load_single_file_pipeline(
     that folder has weights, else None; `components` overrides any component. The loaded weights keep the
     model's default dtype (an fp16 file loads as fp32) unless `torch_dtype` is given.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     path, config = Path(path), Path(config)
     if not (config / "model_index.json").is_file():
@@ -384,23 +416,22 @@ def load_single_file_pipeline(
             f"the architecture of {path}"
         )
     keys = check_safetensors_file(path)
-    if single_file_family(keys) is not SD:
-        raise SdpipeError(
-            f"single-file checkpoint {path}: an SDXL checkpoint (keys {SDXL_PREFIX!r}); only Stable Diffusion 1.x/2.x "
-            "single files are supported"
-        )
-    has_text_encoder = any(key.startswith((TEXT_ENCODER_PREFIX, OPEN_CLIP_PREFIX)) for key in keys)
+    family = single_file_family(keys)
+    has_text_encoder = any(key.startswith(family.single_file_text_prefixes) for key in keys)
     for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE")):
         if not any(key.startswith(prefix) for key in keys):
             raise SdpipeError(f"single-file checkpoint {path}: no {what} weights (keys starting with {prefix!r})")
-    if not has_text_encoder and "text_encoder" not in components:
+    if not has_text_encoder and not set(family.text_encoders) <= set(components):
         # diffusers would fail later with a message about the config folder, not the file
-        raise SdpipeError(f"single-file checkpoint {path}: no text encoder weights (keys {TEXT_ENCODER_PREFIX!r})")
-    components.setdefault("safety_checker", None)
+        raise SdpipeError(
+            f"single-file checkpoint {path}: no text encoder weights (keys {' or '.join(family.single_file_text_prefixes)})"
+        )
+    components = {**family.pipeline_kwargs, **components}
     if "image_encoder" not in components:
         components["image_encoder"] = load_image_encoder(config / "image_encoder", torch_dtype)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
     try:
-        pipeline = StableDiffusionPipeline.from_single_file(
+        pipeline = pipeline_class.from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype, **components
         )
     except (ValueError, RuntimeError, KeyError) as error:
@@ -410,7 +441,7 @@ def load_single_file_pipeline(
     else:
         missing = [
             f"{name}.{weight}"
-            for name in ("unet", "vae", "text_encoder")
+            for name in ("unet", "vae", *family.text_encoders)
             for weight, tensor in getattr(pipeline, name).state_dict().items()
             if tensor.device.type == "meta"  # what the file did not provide stays on the meta device
         ]

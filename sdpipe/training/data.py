@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sdpipe.data.captions import load_captions
-from sdpipe.encode import FLIP_SUFFIX, load_latents
+from sdpipe.encode import FLIP_SUFFIX, TIME_IDS_SUFFIX, load_latents
 from sdpipe.errors import SdpipeError
 from sdpipe.training.rng import torch_generator
 
@@ -31,6 +31,9 @@ class Example:
     flipped: torch.Tensor | None
     """The latents of the left-right flipped image, when `encode` cached them."""
     caption: str
+    time_ids: torch.Tensor | None = None
+    """SDXL's size and crop conditioning of the image ([6]), when `encode` cached it (for SDXL bases)."""
+    flipped_time_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ class Batch:
     """[B, C, h, w], fp32, on the CPU."""
     captions: list[str]
     keys: list[str]
+    time_ids: torch.Tensor | None = None
+    """[B, 6]: each image's SDXL size and crop conditioning (None for families without it)."""
+
+    def rows(self, index) -> Batch:
+        """The rows `index` (a slice) selects."""
+        time_ids = None if self.time_ids is None else self.time_ids[index]
+        return Batch(self.latents[index], self.captions[index], self.keys[index], time_ids)
 
 
 def load_examples(
@@ -85,6 +95,8 @@ def load_examples(
                     latents=latents[row["id"]].float(),
                     flipped=flipped.float() if flipped is not None else None,
                     caption=row["caption"] or "",
+                    time_ids=latents.get(row["id"] + TIME_IDS_SUFFIX),
+                    flipped_time_ids=latents.get(row["id"] + FLIP_SUFFIX + TIME_IDS_SUFFIX),
                 )
             )
     if not examples:
@@ -127,13 +139,15 @@ class LatentBatches:
         epoch, position = divmod(index, self.batches_per_epoch)
         indices = self.epoch_batches(epoch)[position]
         coins = torch.rand(len(indices), generator=torch_generator(self.seed, "flip", index)).tolist()
-        latents = []
+        latents, time_ids = [], []
         for example_index, coin in zip(indices, coins):
             example = self.examples[example_index]
             use_flipped = self.flip and example.flipped is not None and coin < 0.5
             latents.append(example.flipped if use_flipped else example.latents)
+            time_ids.append(example.flipped_time_ids if use_flipped else example.time_ids)
         return Batch(
             latents=torch.stack(latents),
             captions=[self.examples[i].caption for i in indices],
             keys=[self.examples[i].key for i in indices],
+            time_ids=None if any(ids is None for ids in time_ids) else torch.stack(time_ids),
         )

@@ -46,6 +46,7 @@ from sdpipe.models.loading import (
     load_tokenizer,
     load_unet,
     load_vae,
+    model_family,
     resolve_device,
     resolve_dtype,
 )
@@ -203,12 +204,12 @@ def prepare_models(
     ones go to the device in the compute precision."""
     common = params.train.common
     models = load_models(params.base, device)
-    check_latents_fit(data.examples[0], models.unet, data.latents_dir)
+    check_latents_fit(data.examples[0], models, data.latents_dir)
     if data.prior is not None:
-        check_latents_fit(data.prior.examples[0], models.unet, data.prior.files[0].parent)
+        check_latents_fit(data.prior.examples[0], models, data.prior.files[0].parent)
     timestep_range(common, models.noise_scheduler)  # checked before any work
     method.setup(models)
-    for name in ("unet", "text_encoder"):
+    for name in ("unet", *models.family.text_encoders):
         model = getattr(models, name)
         if name in method.trained_models:
             model.train()
@@ -218,8 +219,9 @@ def prepare_models(
             model.to(device)
     if common.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        if method.text_encoder_trains:
-            models.text_encoder.gradient_checkpointing_enable()
+        for name in models.family.text_encoders:
+            if name in method.trained_models:
+                getattr(models, name).gradient_checkpointing_enable()
     if common.channels_last:
         models.unet.to(memory_format=torch.channels_last)
     if common.compile:
@@ -425,30 +427,37 @@ def release_training_state(optimizer, ema: Ema | None) -> None:
 
 
 def load_models(base, device: torch.device) -> Models:
-    """The tokenizer, text encoder, UNet and training noise scheduler of `base.base_model`, in fp32 on the CPU."""
-    source = classify_model_source(base.base_model)
-    if source == "single_file":  # one file holds every model: build the pipeline once and take its parts
+    """The tokenizers, text encoders (the model family's), UNet and training noise scheduler of `base.base_model`,
+    frozen, in fp32 on the CPU."""
+    family = model_family(base.base_model, base.base_model_config)
+    if classify_model_source(base.base_model) == "single_file":  # one file holds every model: build the pipeline once
         pipe = load_pipeline(base.base_model, base.base_model_config)
-        tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+        parts = {name: getattr(pipe, name) for name in ("unet", *family.tokenizers, *family.text_encoders)}
     else:
-        tokenizer = load_tokenizer(base.base_model, base.base_model_config)
-        text_encoder = load_text_encoder(base.base_model, base.base_model_config)
-        unet = load_unet(base.base_model, base.base_model_config)
-    for model in (text_encoder, unet):
-        model.requires_grad_(False)
-        model.eval()
+        parts = {"unet": load_unet(base.base_model, base.base_model_config)}
+        for name in family.tokenizers:
+            parts[name] = load_tokenizer(base.base_model, base.base_model_config, subfolder=name)
+        for name in family.text_encoders:
+            parts[name] = load_text_encoder(base.base_model, base.base_model_config, subfolder=name)
+    for name in ("unet", *family.text_encoders):
+        parts[name].requires_grad_(False)
+        parts[name].eval()
     noise_scheduler = load_noise_scheduler(base.base_model, base.base_model_config)
-    return Models(
-        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, noise_scheduler=noise_scheduler, device=device
-    )
+    return Models(**parts, noise_scheduler=noise_scheduler, device=device, family=family)
 
 
-def check_latents_fit(example, unet, latents_dir: Path) -> None:
-    channels = example.latents.shape[0]
+def check_latents_fit(example, models: Models, latents_dir: Path) -> None:
+    """Refuses latents encoded for another model: another channel count, or no SDXL size and crop (time ids)."""
+    channels, unet = example.latents.shape[0], models.unet
     if channels != unet.config.in_channels:
         raise SdpipeError(
             f"{latents_dir}: the latents have {channels} channels but the UNet of base.base_model takes "
             f"{unet.config.in_channels}; run the `encode` stage again with this base model"
+        )
+    if models.family.size_conditioning and example.time_ids is None:
+        raise SdpipeError(
+            f"{latents_dir}: the latents have no size and crop (time ids), which a {models.family.title} UNet takes; "
+            "run the `encode` stage again with this base model"
         )
 
 
@@ -558,10 +567,10 @@ def batch_loss(
     its own. `batch` and `class_batch` are `share`'s rows of the micro-batch: the noise and timesteps are drawn for
     the whole micro-batch and the process keeps its rows.
     """
-    parts = [(batch.latents, captions)]
+    parts = [dataclasses.replace(batch, captions=captions)]
     if class_batch is not None:
-        parts.append((class_batch.latents, class_batch.captions))
-    one_size = len({latents.shape[1:] for latents, _ in parts}) == 1
+        parts.append(class_batch)
+    one_size = len({part.latents.shape[1:] for part in parts}) == 1
     passes = [parts] if one_size else [[part] for part in parts]
     losses = []
     for parts_of_pass in passes:
@@ -574,15 +583,15 @@ def batch_loss(
 def diffusion_losses(
     method: TrainingMethod,
     models: Models,
-    parts: list[tuple[torch.Tensor, list[str]]],
+    parts: list[Batch],
     text_cache: TextCache | None,
     generator: torch.Generator,
     common,
     accelerator,
     share: ProcessShare = ONE_PROCESS,
 ) -> list[torch.Tensor]:
-    """The diffusion loss of each part, a batch of latents (of one size) and their captions, all in one UNet pass:
-    noise them at random timesteps, predict, compare.
+    """The diffusion loss of each part, a batch of latents (of one size) with their captions (as trained) and SDXL
+    time ids, all in one UNet pass: noise them at random timesteps, predict, compare.
 
     The random draws are made part by part (noise, then timesteps), so a part draws the same whether it shares its
     pass or takes one of its own. A part is `share`'s rows of a part of the micro-batch: each part's draws are made
@@ -590,14 +599,17 @@ def diffusion_losses(
     """
     device = accelerator.device
     low, high = timestep_range(common, models.noise_scheduler)
-    latents, noise, timesteps, captions = [], [], [], []
-    for part_latents, part_captions in parts:
+    latents, noise, timesteps, captions, time_ids = [], [], [], [], []
+    for part in parts:
+        part_latents = part.latents
         rows = share.rows(len(part_latents))
         whole_shape = (len(part_latents) * share.count, *part_latents.shape[1:])
         latents.append(to_device(part_latents, device))
         noise.append(to_device(sample_noise(whole_shape, generator, common.noise_offset)[rows], device))
         timesteps.append(to_device(sample_timesteps(whole_shape[0], low, high, generator)[rows], device))
-        captions += part_captions
+        captions += part.captions
+        time_ids.append(part.time_ids)
+    time_ids = None if any(ids is None for ids in time_ids) else to_device(torch.cat(time_ids), device)
     sizes = [len(part_latents) for part_latents in latents]
     latents, noise, timesteps = torch.cat(latents), torch.cat(noise), torch.cat(timesteps)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -606,7 +618,7 @@ def diffusion_losses(
     target = prediction_target(models.noise_scheduler, latents, noise, timesteps)
     with accelerator.autocast():
         conditioning = text_cache(captions) if text_cache is not None else method.encode_text(models, captions)
-        prediction = method.predict(models, noisy_latents, timesteps, conditioning)
+        prediction = method.predict(models, noisy_latents, timesteps, conditioning, time_ids)
     return [
         diffusion_loss(part_prediction, part_target, part_timesteps, models.noise_scheduler, common.snr_gamma)
         for part_prediction, part_target, part_timesteps in zip(
@@ -649,10 +661,7 @@ def save_samples(method: TrainingMethod, models: Models, vae, accelerator, commo
         embeddings = method.sample_embeddings(plain, prompts)
         images = sample_images(
             vae,
-            plain.text_encoder,
-            plain.tokenizer,
-            plain.unet,
-            plain.noise_scheduler,
+            plain,
             prompts,
             seed,
             common.sample_steps,

@@ -49,7 +49,7 @@ class ProcessShare:
         if len(batch.keys) % self.count:
             raise ValueError(f"a batch of {len(batch.keys)} rows does not split over {self.count} processes")
         rows = self.rows(len(batch.keys) // self.count)
-        return Batch(latents=batch.latents[rows], captions=batch.captions[rows], keys=batch.keys[rows])
+        return batch.rows(rows)
 
 
 ONE_PROCESS = ProcessShare()

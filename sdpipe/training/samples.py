@@ -9,15 +9,13 @@ import torch
 from PIL import Image
 
 from sdpipe.io import atomic_path
+from sdpipe.training.method import Models
 
 
 @torch.no_grad()
 def sample_images(
     vae,
-    text_encoder,
-    tokenizer,
-    unet,
-    noise_scheduler,
+    models: Models,
     prompts: list[str],
     seed: int,
     steps: int,
@@ -25,24 +23,23 @@ def sample_images(
     device: torch.device,
     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt, with unwrapped models; the models' train/eval modes are left as they were.
+    """One image per prompt, in the models' family's pipeline, with unwrapped models; the models' train/eval modes are
+    left as they were.
 
     `embeddings`: the (conditional, unconditional) UNet contexts of the prompts, for a method whose conditioning
-    is not the text encoder's (then `text_encoder` and `tokenizer` are not used)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    is not the text encoder's (then the text encoders and tokenizers are not used)."""
+    from diffusers import DDIMScheduler
 
-    pipeline = StableDiffusionPipeline(
+    family, unet = models.family, models.unet
+    text_parts = {name: getattr(models, name) for name in (*family.tokenizers, *family.text_encoders)}
+    pipeline = family.pipeline(
         vae=vae,
-        text_encoder=text_encoder if embeddings is None else None,
-        tokenizer=tokenizer if embeddings is None else None,
         unet=unet,
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False),  # latents are not in [-1, 1]
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config, clip_sample=False),  # latents are not in [-1, 1]
+        **(text_parts if embeddings is None else dict.fromkeys(text_parts)),
     )
     pipeline.set_progress_bar_config(disable=True)
-    modes = [(module, module.training) for module in (text_encoder, unet)]
+    modes = [(module, module.training) for module in (*models.text_encoders, unet)]
     for module, _ in modes:
         module.eval()
     try:

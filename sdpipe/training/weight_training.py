@@ -3,10 +3,12 @@ at what learning rates, their caption dropout (which keeps the unconditional pre
 subtracts in step with the conditional one), the EMA setting, and the outputs, a whole Stable Diffusion model in two
 formats:
 
-- `model/diffusers/`: a diffusers `StableDiffusionPipeline` folder, the base model's (VAE, tokenizer, scheduler, ...)
-  with the trained UNet (and text encoder); `StableDiffusionPipeline.from_pretrained(folder)` loads it;
-- `model/model.safetensors`: the same UNet, VAE and text encoder as one single-file checkpoint in the original
-  Stable Diffusion layout (A1111, ComfyUI; `StableDiffusionPipeline.from_single_file(path, config=folder)`).
+- `model/diffusers/`: a diffusers folder of the base model's family (`StableDiffusionPipeline`,
+  `StableDiffusionXLPipeline`), the base model's (VAE, tokenizers, scheduler, ...) with the trained UNet (and text
+  encoders); `<PipelineClass>.from_pretrained(folder)` loads it;
+- `model/model.safetensors`: the same UNet, VAE and text encoders as one single-file checkpoint in the original
+  layout (SD 1.x/2.x's, or SDXL's `conditioner.embedders`; A1111, ComfyUI;
+  `<PipelineClass>.from_single_file(path, config=folder)`).
 
 When the method keeps an EMA (`ema_decay`), the training core puts the averaged weights into the models before
 `save`, so both files hold them.
@@ -31,12 +33,12 @@ SINGLE_FILE = "model.safetensors"
 
 
 def load_trained_pipeline(model_dir: Path, device: str | torch.device = "cpu"):
-    """The trained model as a user loads it: the `StableDiffusionPipeline` of `<model_dir>/diffusers`."""
+    """The trained model as a user loads it: the pipeline of `<model_dir>/diffusers`, in its family's class."""
     return load_pipeline(str(Path(model_dir) / DIFFUSERS_DIR), device=device, key=f"{model_dir}/{DIFFUSERS_DIR}")
 
 
 class WeightTrainingMethod(TrainingMethod):
-    """Trains every UNet weight, and the text encoder's when `train_text_encoder` is on (at its own learning rate)."""
+    """Trains every UNet weight, and the text encoders' when `train_text_encoder` is on (at their own learning rate)."""
 
     def __init__(self, params: WeightTrainingParams, base: BaseParams):
         super().__init__(params)
@@ -57,9 +59,11 @@ class WeightTrainingMethod(TrainingMethod):
         models.unet.requires_grad_(True)
         self.unet_parameters = list(models.unet.parameters())
         self.text_encoder_parameters = []
-        if self.params.train_text_encoder:
-            models.text_encoder.requires_grad_(True)
-            self.text_encoder_parameters = list(models.text_encoder.parameters())
+        if self.params.train_text_encoder:  # every text encoder of the family (SDXL's two)
+            self.trained_models = ("unet", *models.family.text_encoders)
+            for text_encoder in models.text_encoders:
+                text_encoder.requires_grad_(True)
+                self.text_encoder_parameters += list(text_encoder.parameters())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.unet_parameters + self.text_encoder_parameters
