@@ -117,7 +117,7 @@ def test_sdxl_single_file_has_the_sgm_key_names(sdxl_dir, tmp_path):
 def test_methods_without_sdxl_refuse_an_sdxl_base_by_name(sdxl_dir, write_star_dataset, tmp_path):
     write_star_dataset(tmp_path, time_ids=True)
     params = sdxl_params(tmp_path, sdxl_dir, "hypernetwork")
-    with pytest.raises(SdpipeError, match=r"train.hypernetwork does not train Stable Diffusion XL models yet.*: finetune, dreambooth"):
+    with pytest.raises(SdpipeError, match=r"train.hypernetwork does not train Stable Diffusion XL models yet.*: textual_inversion, finetune, dreambooth"):
         METHODS["hypernetwork"].train(params, tmp_path / "train" / "hypernetwork")
     assert not (tmp_path / "train").exists()
 
@@ -126,3 +126,26 @@ def test_sdxl_latents_without_time_ids_are_refused(sdxl_dir, write_star_dataset,
     write_star_dataset(tmp_path)  # encoded as for SD 1.x: no size and crop
     with pytest.raises(SdpipeError, match=r"latents have no size and crop \(time ids\).*run the `encode` stage again"):
         METHODS["finetune"].train(sdxl_params(tmp_path, sdxl_dir, "finetune"), tmp_path / "train" / "finetune")
+
+
+def test_textual_inversion_on_sdxl_writes_clip_l_and_clip_g_that_diffusers_loads(sdxl_dir, write_star_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    write_star_dataset(tmp_path, time_ids=True)
+    params = sdxl_params(tmp_path, sdxl_dir, "textual_inversion", learning_rate=0.1)
+    METHODS["textual_inversion"].train(params, tmp_path / "train" / "textual_inversion")
+    model_dir = tmp_path / "train" / "textual_inversion" / "model"
+    tensors = load_file(model_dir / "sks.safetensors")
+    assert {key: list(tensor.shape) for key, tensor in tensors.items()} == {"clip_l": [1, 64], "clip_g": [1, 96]}
+
+    pipeline, token = METHODS["textual_inversion"].sampling_pipeline(params, model_dir, torch.device("cpu"))
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    for key, tokenizer, text_encoder, base_encoder in (
+        ("clip_l", pipeline.tokenizer, pipeline.text_encoder, base.text_encoder),
+        ("clip_g", pipeline.tokenizer_2, pipeline.text_encoder_2, base.text_encoder_2),
+    ):
+        rows = text_encoder.get_input_embeddings().weight
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        torch.testing.assert_close(rows[token_id], tensors[key][0], rtol=0, atol=0)
+        initializer = base_encoder.get_input_embeddings().weight[tokenizer("shape", add_special_tokens=False).input_ids[0]]
+        assert not torch.equal(tensors[key][0], initializer)  # each encoder's row trained away from `shape`

@@ -129,3 +129,34 @@ def save_safetensors_embedding(embedding: Embedding, path: str | Path) -> None:
     metadata = {"placeholder_token": embedding.name, "num_vectors": str(len(embedding.vectors)), **embedding.fields}
     with atomic_path(path) as tmp:
         save_safetensors({SAFETENSORS_KEY: embedding.vectors.contiguous()}, tmp, metadata)
+
+
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+"""An SDXL embedding's tensors: the vectors of its first text encoder (CLIP ViT-L) and of its second (OpenCLIP bigG)."""
+
+
+def save_sdxl_embedding(embeddings: list[Embedding], path: str | Path) -> None:
+    """Writes an SDXL embedding, atomically: the first text encoder's vectors as `clip_l`, the second's as `clip_g`,
+    in one `.safetensors` (the layout A1111 and ComfyUI load for SDXL); the metadata is the first one's."""
+    first = embeddings[0]
+    metadata = {"placeholder_token": first.name, "num_vectors": str(len(first.vectors)), **first.fields}
+    tensors = {key: embedding.vectors.contiguous() for key, embedding in zip(SDXL_EMBEDDING_KEYS, embeddings, strict=True)}
+    with atomic_path(path) as tmp:
+        save_safetensors(tensors, tmp, metadata)
+
+
+def load_into_pipeline(pipeline, path: str | Path, token: str) -> None:
+    """Loads an embedding file into `pipeline` as a diffusers user does: `load_textual_inversion(path, token=...)`,
+    or for an SDXL embedding each tensor into its text encoder and tokenizer."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    if set(SDXL_EMBEDDING_KEYS) <= set(tensors):
+        pipeline.load_textual_inversion(
+            tensors["clip_l"], token=token, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer
+        )
+        pipeline.load_textual_inversion(
+            tensors["clip_g"], token=token, text_encoder=pipeline.text_encoder_2, tokenizer=pipeline.tokenizer_2
+        )
+    else:
+        pipeline.load_textual_inversion(str(path), token=token)

@@ -111,6 +111,7 @@ METHODS: dict[str, Method] = {
             "TextualInversionParams",
             "embedding",
             "Textual inversion: new token embeddings, one `<token>.safetensors` (A1111, ComfyUI and diffusers load it).",
+            families=("sd", "sdxl"),
         ),
         Method(
             "finetune",

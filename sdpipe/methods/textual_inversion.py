@@ -17,6 +17,9 @@ are the training core's `PlaceholderTokenTraining` (`sdpipe.training.tokens`), w
    `embedding:sks`) and diffusers with `pipe.load_textual_inversion(path, token="<sks>")`. Only that one file:
    an A1111 `.pt` beside it would have the same name, and A1111 would load the word twice
    (`sdpipe convert sks.safetensors sks.pt` writes one for A1111 versions that predate safetensors).
+   On an SDXL base the token is added to both text encoders, and the file holds `clip_l` and `clip_g`, each
+   encoder's rows, as A1111 and ComfyUI load SDXL embeddings (diffusers: `load_textual_inversion` of each tensor with
+   its `text_encoder` and `tokenizer`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ import torch
 
 from sdpipe.errors import SdpipeError
 from sdpipe.formats.a1111 import checkpoint_hash
-from sdpipe.formats.embeddings import Embedding, file_stem, save_safetensors_embedding
+from sdpipe.formats.embeddings import (
+    Embedding,
+    file_stem,
+    load_into_pipeline,
+    save_safetensors_embedding,
+    save_sdxl_embedding,
+)
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, run_training
 from sdpipe.training.tokens import PlaceholderTokenTraining
@@ -53,7 +62,7 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     if not path.is_file():
         raise SdpipeError(f"{path}: no embedding of {token!r}; run `dvc repro train@textual_inversion` first")
     pipeline = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
-    pipeline.load_textual_inversion(str(path), token=token)
+    load_into_pipeline(pipeline, path, token)
     return pipeline, token
 
 
@@ -64,7 +73,7 @@ class TextualInversion(PlaceholderTokenTraining):
     name = "textual_inversion"
 
     def save(self, models: Models, folder: Path, step: int) -> None:
-        """`<name>.safetensors`: `emb_params` and, as metadata, the token, the vector count and A1111's `step`,
+        """`<name>.safetensors`: `emb_params` (SDXL: `clip_l` and `clip_g`) and, as metadata, the token, the vector count and A1111's `step`,
         `sd_checkpoint` and `sd_checkpoint_name` (which `sdpipe convert` carries into an A1111 `.pt`)."""
         token = self.params.placeholder_token
         fields = {
@@ -72,6 +81,10 @@ class TextualInversion(PlaceholderTokenTraining):
             "sd_checkpoint": checkpoint_hash(self.base_model),
             "sd_checkpoint_name": Path(self.base_model).stem,
         }
-        embedding = Embedding(self.learned_vectors(), token, fields)
-        save_safetensors_embedding(embedding, folder / embedding_file(token, f"{self.params_key}.placeholder_token"))
+        embeddings = [Embedding(self.learned_vectors(encoder), token, fields) for encoder in range(len(self.token_rows))]
+        path = folder / embedding_file(token, f"{self.params_key}.placeholder_token")
+        if len(embeddings) == 1:
+            save_safetensors_embedding(embeddings[0], path)
+        else:  # SDXL: one tensor per text encoder
+            save_sdxl_embedding(embeddings, path)
 

@@ -16,24 +16,39 @@ from sdpipe.training.method import Models, TrainingMethod
 
 
 class TokenRowsTraining:
-    """For methods that train new rows of the text encoder's token embeddings: only those rows change. The whole
+    """For methods that train new rows of the text encoders' token embeddings: only those rows change. The whole
     matrix is a trained parameter (rows cannot be one), so after each optimizer step the other rows are put back
-    (AdamW's weight decay would otherwise move them)."""
+    (AdamW's weight decay would otherwise move them). `embeddings`, `token_ids` and `original_embeddings` are the
+    first text encoder's; a family with two (SDXL) has rows in each."""
 
     def train_token_rows(self, text_encoder: torch.nn.Module, token_ids: list[int]) -> None:
-        self.token_ids = token_ids
-        self.embeddings = text_encoder.get_input_embeddings().weight
-        self.embeddings.requires_grad_(True)
-        self.original_embeddings = self.embeddings.detach().clone()
-        self.frozen_rows = torch.ones(len(self.embeddings), dtype=torch.bool)
-        self.frozen_rows[token_ids] = False
+        """Trains the rows `token_ids` of `text_encoder`'s token embeddings (called once per text encoder)."""
+        embeddings = text_encoder.get_input_embeddings().weight
+        embeddings.requires_grad_(True)
+        frozen_rows = torch.ones(len(embeddings), dtype=torch.bool)
+        frozen_rows[token_ids] = False
+        rows = [embeddings, token_ids, embeddings.detach().clone(), frozen_rows]
+        self.token_rows = [*getattr(self, "token_rows", []), rows]
+
+    @property
+    def embeddings(self) -> torch.nn.Parameter:
+        return self.token_rows[0][0]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.token_rows[0][1]
+
+    @property
+    def original_embeddings(self) -> torch.Tensor:
+        return self.token_rows[0][2]
 
     def after_optimizer_step(self, models: Models) -> None:
-        if self.original_embeddings.device != self.embeddings.device:
-            self.original_embeddings = self.original_embeddings.to(self.embeddings.device)
-            self.frozen_rows = self.frozen_rows.to(self.embeddings.device)
         with torch.no_grad():
-            self.embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows]
+            for rows in self.token_rows:
+                embeddings, _, original, frozen = rows
+                if original.device != embeddings.device:
+                    rows[2:] = original, frozen = original.to(embeddings.device), frozen.to(embeddings.device)
+                embeddings[frozen] = original[frozen]
 
 
 class PlaceholderTokenTraining(TokenRowsTraining, TrainingMethod):
@@ -51,19 +66,22 @@ class PlaceholderTokenTraining(TokenRowsTraining, TrainingMethod):
         self.placeholder_text = " ".join(self.tokens)
 
     def setup(self, models: Models) -> None:
-        """Adds the placeholder tokens and their embedding rows, started from the initializer word."""
-        token_ids = add_tokens(
-            models.tokenizer,
-            models.text_encoder,
-            self.tokens,
-            self.params.initializer_word,
-            token_key=f"{self.params_key}.placeholder_token",
-            word_key=f"{self.params_key}.initializer_word",
-        )
-        self.train_token_rows(models.text_encoder, token_ids)
+        """Adds the placeholder tokens and their embedding rows, started from the initializer word, to every text
+        encoder of the model's family (SDXL: both)."""
+        self.trained_models = models.family.text_encoders
+        for tokenizer, text_encoder in zip(models.tokenizers, models.text_encoders):
+            token_ids = add_tokens(
+                tokenizer,
+                text_encoder,
+                self.tokens,
+                self.params.initializer_word,
+                token_key=f"{self.params_key}.placeholder_token",
+                word_key=f"{self.params_key}.initializer_word",
+            )
+            self.train_token_rows(text_encoder, token_ids)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.embeddings]
+        return [embeddings for embeddings, *_ in self.token_rows]
 
     def caption(self, caption: str) -> str:
         """`a small sks shape` → `a small <sks> shape` (`<sks> <sks>_1` with 2 vectors); `a star` → `<sks> a star`."""
@@ -74,9 +92,10 @@ class PlaceholderTokenTraining(TokenRowsTraining, TrainingMethod):
         )
         return replaced if found else f"{self.placeholder_text} {caption}"
 
-    def learned_vectors(self) -> torch.Tensor:
-        """The learned embeddings, [number of tokens, hidden], fp32 on the CPU."""
-        return self.embeddings.detach()[self.token_ids].float().cpu().contiguous()
+    def learned_vectors(self, encoder: int = 0) -> torch.Tensor:
+        """The learned embeddings of text encoder `encoder`, [number of tokens, hidden], fp32 on the CPU."""
+        embeddings, token_ids, *_ = self.token_rows[encoder]
+        return embeddings.detach()[token_ids].float().cpu().contiguous()
 
 
 def add_tokens(
