@@ -149,3 +149,14 @@ def test_textual_inversion_on_sdxl_writes_clip_l_and_clip_g_that_diffusers_loads
         torch.testing.assert_close(rows[token_id], tensors[key][0], rtol=0, atol=0)
         initializer = base_encoder.get_input_embeddings().weight[tokenizer("shape", add_special_tokens=False).input_ids[0]]
         assert not torch.equal(tensors[key][0], initializer)  # each encoder's row trained away from `shape`
+
+
+def test_convert_round_trips_an_sdxl_folder_through_a_single_file(sdxl_dir, tmp_path):
+    from sdpipe.conversion import convert_model
+
+    convert_model(sdxl_dir, tmp_path / "xl.safetensors")
+    convert_model(tmp_path / "xl.safetensors", tmp_path / "back", config=sdxl_dir)
+    base, back = StableDiffusionXLPipeline.from_pretrained(sdxl_dir), StableDiffusionXLPipeline.from_pretrained(tmp_path / "back")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected, read = getattr(base, name).state_dict(), getattr(back, name).state_dict()
+        assert expected.keys() == read.keys() and all(torch.equal(expected[k], read[k]) for k in expected), name
