@@ -160,3 +160,45 @@ def test_convert_round_trips_an_sdxl_folder_through_a_single_file(sdxl_dir, tmp_
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         expected, read = getattr(base, name).state_dict(), getattr(back, name).state_dict()
         assert expected.keys() == read.keys() and all(torch.equal(expected[k], read[k]) for k in expected), name
+
+
+def test_lora_on_sdxl_writes_kohya_sdxl_names_that_diffusers_loads_every_key_of(sdxl_dir, write_star_dataset, tmp_path):
+    from sdpipe.formats.kohya import from_sdxl_names, group_by_layer, load_kohya_lora, merge_lora, model_kohya_names
+    from sdpipe.formats.kohya import sdxl_unet_names
+
+    write_star_dataset(tmp_path, time_ids=True)
+    params = sdxl_params(tmp_path, sdxl_dir, "lora", conv=True, train_text_encoder=True, prior_loss_weight=0.0,
+                         learning_rate=0.05, text_encoder_learning_rate=0.05)
+    METHODS["lora"].train(params, tmp_path / "train" / "lora")
+    model_dir = tmp_path / "train" / "lora" / "model"
+    tensors, metadata = load_kohya_lora(model_dir / "lora.safetensors")
+    layers = group_by_layer(tensors)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    prefixes = {name.split("_")[1] for name in layers}
+    assert prefixes == {"unet", "te1", "te2"}
+    unet_blocks = {name.split("_")[2] for name in layers if name.startswith("lora_unet_")}
+    assert unet_blocks == {"input", "middle", "output"}  # input_blocks…, middle_block…, output_blocks…: SGM names
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in layers  # LoCon: the first ResNet's conv1
+
+    # diffusers' load_lora_weights (through the method's sampling pipeline) puts an adapter on a layer for every
+    # layer of the file, and fused, its weights are those that sdpipe's own reading of the names gives
+    pipeline, _ = METHODS["lora"].sampling_pipeline(params, model_dir, torch.device("cpu"))
+    adapted = sum(
+        1
+        for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2)
+        for module in component.modules()
+        if hasattr(module, "lora_A") and len(module.lora_A)
+    )
+    assert adapted == len(layers)
+    pipeline.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
+    pipeline.unload_lora_weights()
+    merged = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    names = sdxl_unet_names(model_kohya_names(merged.unet, "unet").values(), merged.unet.config)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        merge_lora(getattr(merged, name), name, from_sdxl_names(tensors, names))
+        expected, fused = getattr(merged, name).state_dict(), getattr(pipeline, name).state_dict()
+        for key in expected:
+            torch.testing.assert_close(fused[key], expected[key], rtol=1e-5, atol=1e-6)
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir).text_encoder_2.state_dict()
+    assert any(not torch.equal(base[key], expected[key]) for key in base)  # the second text encoder was adapted

@@ -116,6 +116,46 @@ def component_tensors(tensors: Mapping[str, torch.Tensor], component: str) -> di
     return {key: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
 
 
+SDXL_TEXT_ENCODER_PREFIX = "lora_te1"
+"""kohya's SDXL LoRA files call the first text encoder `lora_te1` (the second is `lora_te2`, as for any model)."""
+
+
+def sdxl_unet_names(unet_paths: Iterable[str], unet_config: Mapping) -> dict[str, str]:
+    """{kohya name by diffusers path: kohya SDXL name} of the UNet layers at `unet_paths`: kohya's SDXL files name the
+    UNet's layers by their original (SGM) module paths, `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`
+    where SD 1.x files have `lora_unet_down_blocks_1_attentions_0_…`."""
+    from sdpipe.models.single_file import original_module_path
+
+    return {
+        kohya_name("unet", path): kohya_name("unet", original_module_path(path, unet_config))
+        for path in (path.removesuffix(".weight") for path in unet_paths)
+    }
+
+
+def to_sdxl_names(tensors: Mapping[str, torch.Tensor], unet_names: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors in kohya's SDXL names: the UNet's by `unet_names` (`sdxl_unet_names`), the first text
+    encoder's as `lora_te1_…`."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        name, part = split_key(key)
+        if name.startswith(PREFIXES["text_encoder"] + "_"):
+            name = SDXL_TEXT_ENCODER_PREFIX + name.removeprefix(PREFIXES["text_encoder"])
+        renamed[f"{unet_names.get(name, name)}.{part}"] = tensor
+    return renamed
+
+
+def from_sdxl_names(tensors: Mapping[str, torch.Tensor], unet_names: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The reverse of `to_sdxl_names`: the names `merge_lora` looks up in diffusers models."""
+    diffusers_names = {sdxl: name for name, sdxl in unet_names.items()}
+    renamed = {}
+    for key, tensor in tensors.items():
+        name, part = split_key(key)
+        if name.startswith(SDXL_TEXT_ENCODER_PREFIX + "_"):
+            name = PREFIXES["text_encoder"] + name.removeprefix(SDXL_TEXT_ENCODER_PREFIX)
+        renamed[f"{diffusers_names.get(name, name)}.{part}"] = tensor
+    return renamed
+
+
 # ---------------------------------------------------------------------------------------------------------
 # peft adapters → kohya tensors
 

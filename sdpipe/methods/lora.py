@@ -23,7 +23,8 @@ W + ΔW. How ΔW is made is the `algorithm` (through peft):
    class images (kohya's regularization images; the `class_images` stage's, shared with DreamBooth) train beside
    the concept's, which keeps the rest of the class drawing as before.
 3. `save` writes `lora.safetensors` in the kohya/A1111 layout (`sdpipe.formats.kohya`: `lora_unet_…`, `lora_te_…`,
-   `.alpha`; LyCORIS names for LoHa/LoKr/DoRA) with kohya's `ss_*` and the SAI `modelspec.*` metadata: A1111,
+   `.alpha`; LyCORIS names for LoHa/LoKr/DoRA; on SDXL kohya's SDXL names: the UNet's layers by their original
+   module paths, `lora_unet_input_blocks_4_1_…`, and `lora_te1_…`, `lora_te2_…` for the two text encoders) with kohya's `ss_*` and the SAI `modelspec.*` metadata: A1111,
    ComfyUI and kohya's tools load it as it is (`<lora:lora:1>`), diffusers reads plain LoRA
    (`pipe.load_lora_weights(folder, weight_name="lora.safetensors")`). For `lora` and `dora` it also writes
    `pytorch_lora_weights.safetensors` in diffusers' PEFT layout (`pipe.load_lora_weights(folder)`), the one
@@ -47,9 +48,19 @@ from sdpipe.config.train import LoraParams
 from sdpipe.data.captions import load_captions, split_tags
 from sdpipe.errors import SdpipeError
 from sdpipe.formats.diffusers_lora import with_text_model_keys
-from sdpipe.formats.kohya import load_kohya_lora, merge_lora, peft_to_kohya, save_kohya_lora
+from sdpipe.families import SDXL
+from sdpipe.formats.kohya import (
+    from_sdxl_names,
+    load_kohya_lora,
+    merge_lora,
+    model_kohya_names,
+    peft_to_kohya,
+    save_kohya_lora,
+    sdxl_unet_names,
+    to_sdxl_names,
+)
 from sdpipe.io import save_safetensors, source_date_epoch
-from sdpipe.models.loading import load_pipeline, model_fingerprint, resolve_device, resolve_dtype
+from sdpipe.models.loading import load_pipeline, model_family, model_fingerprint, resolve_device, resolve_dtype
 from sdpipe.training import Models, TrainingMethod, run_training
 from sdpipe.training.data import PriorPreservation
 from sdpipe.training.datasets import method_datasets
@@ -97,8 +108,11 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
         pipeline.load_lora_weights(str(model_dir), weight_name=DIFFUSERS_FILE)
     else:
         tensors, _ = load_kohya_lora(model_dir / LORA_FILE)
-        merge_lora(pipeline.unet, "unet", tensors)
-        merge_lora(pipeline.text_encoder, "text_encoder", tensors)
+        family = model_family(params.base.base_model, params.base.base_model_config)
+        if family is SDXL:
+            tensors = from_sdxl_names(tensors, sdxl_unet_names(model_kohya_names(pipeline.unet, "unet").values(), pipeline.unet.config))
+        for name in ("unet", *family.text_encoders):
+            merge_lora(getattr(pipeline, name), name, tensors)
     return pipeline, params.evaluate.trigger
 
 
@@ -128,15 +142,19 @@ class Lora(TrainingMethod):
         from peft import inject_adapter_in_model
 
         params = self.params
-        self.configs["unet"] = adapter_config(params, unet_layers(models.unet, params))
+        layers = unet_layers(models.unet, params)
+        self.unet_paths = sorted(layers)  # peft may shorten its config's target_modules to suffixes
+        self.configs["unet"] = adapter_config(params, layers)
         inject_adapter_in_model(self.configs["unet"], models.unet)
         self.unet_parameters = [p for p in models.unet.parameters() if p.requires_grad]
         self.text_encoder_parameters = []
-        if params.train_text_encoder:
-            layers = {path: (params.rank, params.alpha) for path in text_encoder_layers(models.text_encoder, params)}
-            self.configs["text_encoder"] = adapter_config(params, layers)
-            inject_adapter_in_model(self.configs["text_encoder"], models.text_encoder)
-            self.text_encoder_parameters = [p for p in models.text_encoder.parameters() if p.requires_grad]
+        if params.train_text_encoder:  # every text encoder of the family (SDXL's two, as kohya's sdxl_train_network)
+            self.trained_models = ("unet", *models.family.text_encoders)
+            for name, text_encoder in zip(models.family.text_encoders, models.text_encoders):
+                layers = {path: (params.rank, params.alpha) for path in text_encoder_layers(text_encoder, params)}
+                self.configs[name] = adapter_config(params, layers)
+                inject_adapter_in_model(self.configs[name], text_encoder)
+                self.text_encoder_parameters += [p for p in text_encoder.parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self.unet_parameters + self.text_encoder_parameters
@@ -151,9 +169,12 @@ class Lora(TrainingMethod):
         return groups
 
     def save(self, models: Models, folder: Path, step: int) -> None:
-        tensors = peft_to_kohya(models.unet, "unet")
-        if self.params.train_text_encoder:
-            tensors.update(peft_to_kohya(models.text_encoder, "text_encoder"))
+        tensors = {}
+        for name in ("unet", *models.family.text_encoders):
+            if name in self.configs:
+                tensors.update(peft_to_kohya(getattr(models, name), name))
+        if models.family is SDXL:  # kohya's SDXL names: the UNet's original module paths, `lora_te1_`
+            tensors = to_sdxl_names(tensors, sdxl_unet_names(self.unet_paths, models.unet.config))
         save_kohya_lora(tensors, folder / LORA_FILE, self.metadata(models, step))
         if self.params.algorithm in DIFFUSERS_LOADABLE:
             self.save_diffusers_layout(models, folder)
@@ -161,8 +182,11 @@ class Lora(TrainingMethod):
     def metadata(self, models: Models, step: int) -> dict[str, str]:
         """kohya's `ss_*` and the SAI model spec's `modelspec.*` keys of the file."""
         params = self.params
-        v2 = models.text_encoder.config.hidden_size == 1024  # SD 2's OpenCLIP ViT-H; SD 1's CLIP ViT-L is 768
+        sdxl = models.family is SDXL
+        # SD 2's OpenCLIP ViT-H is 1024 wide; SD 1's and SDXL's first encoder, CLIP ViT-L, 768
+        v2 = not sdxl and models.text_encoder.config.hidden_size == 1024
         v_prediction = models.noise_scheduler.config.prediction_type == "v_prediction"
+        base_version = "sdxl_base_v1-0" if sdxl else ("sd_v2_768_v" if v_prediction else "sd_v2") if v2 else "sd_v1"
         metadata = {
             **self.run_metadata,
             "ss_output_name": Path(LORA_FILE).stem,
@@ -177,7 +201,7 @@ class Lora(TrainingMethod):
             "ss_network_train_unet_only": str(not params.train_text_encoder),
             "ss_max_train_steps": str(params.max_steps),
             "ss_steps": str(step),
-            "ss_base_model_version": ("sd_v2_768_v" if v_prediction else "sd_v2") if v2 else "sd_v1",
+            "ss_base_model_version": base_version,
             "ss_v2": str(v2),
             "ss_v_parameterization": str(v_prediction),
             "ss_sd_model_name": Path(self.base_model).name,
@@ -188,6 +212,8 @@ class Lora(TrainingMethod):
         architecture = "stable-diffusion-v1"
         if v2:
             architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+        if sdxl:
+            architecture = "stable-diffusion-xl-v1-base"
         metadata.update(
             {
                 "modelspec.sai_model_spec": "1.0.0",
@@ -202,15 +228,16 @@ class Lora(TrainingMethod):
 
     def save_diffusers_layout(self, models: Models, folder: Path) -> None:
         """`pytorch_lora_weights.safetensors`: diffusers' layout (peft keys, the peft configs as metadata)."""
-        from diffusers import StableDiffusionPipeline
+        import diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = {"unet_lora_layers": get_peft_model_state_dict(models.unet)}
-        configs = {"unet_lora_adapter_metadata": adapter_metadata(self.configs["unet"])}
-        if "text_encoder" in self.configs:
-            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(models.text_encoder)
-            configs["text_encoder_lora_adapter_metadata"] = adapter_metadata(self.configs["text_encoder"])
-        StableDiffusionPipeline.save_lora_weights(folder, weight_name=DIFFUSERS_FILE, **layers, **configs)
+        layers, configs = {}, {}
+        for name in ("unet", *models.family.text_encoders):
+            if name in self.configs:
+                layers[f"{name}_lora_layers"] = get_peft_model_state_dict(getattr(models, name))
+                configs[f"{name}_lora_adapter_metadata"] = adapter_metadata(self.configs[name])
+        pipeline_class = getattr(diffusers, models.family.pipeline_class)
+        pipeline_class.save_lora_weights(folder, weight_name=DIFFUSERS_FILE, **layers, **configs)
         # Written again with a sorted header (diffusers' file bytes change from one process to the next), and
         # `text_encoder.text_model.…` keys, which ComfyUI and older diffusers need (`with_text_model`).
         tensors, metadata = load_kohya_lora(folder / DIFFUSERS_FILE)

@@ -133,6 +133,7 @@ METHODS: dict[str, Method] = {
             "lora",
             "LoRA / LoCon / DoRA / LoHa / LoKr adapters: a kohya/A1111 `.safetensors` LoRA (diffusers loads plain "
             "LoRA).",
+            families=("sd", "sdxl"),
         ),
         Method(
             "hypernetwork",

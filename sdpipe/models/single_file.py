@@ -188,6 +188,14 @@ def unet_to_original(state_dict: Mapping[str, torch.Tensor], unet_config: Mappin
     return rename_keys(state_dict, unet_prefix_map(unet_config), "UNet")
 
 
+def original_module_path(path: str, unet_config: Mapping) -> str:
+    """The original (SGM) module path of the UNet layer at diffusers' `path`:
+    `down_blocks.1.attentions.0.proj_in` → `input_blocks.4.1.proj_in`, `down_blocks.0.resnets.0.conv1` →
+    `input_blocks.1.0.in_layers.2` (kohya names SDXL LoRA layers by these paths)."""
+    [key] = rename_keys({f"{path}.weight": None}, unet_prefix_map(unet_config), "UNet")
+    return key.removesuffix(".weight")
+
+
 def vae_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers `AutoencoderKL` state dict in original keys (without `first_stage_model.`).
 
