@@ -1,6 +1,7 @@
 """Benchmark: how well the tiny-world base model draws what it is asked, scored by the oracle.
 
-Generates with the plain diffusers StableDiffusionPipeline (25 steps, guidance 7.5, native resolution,
+Generates with the plain diffusers pipeline of the model's family (`StableDiffusionPipeline`, or
+`StableDiffusionXLPipeline` for the tiny SDXL: `--model artifacts/pretrain/tinyworld_xl`) (25 steps, guidance 7.5, native resolution,
 fixed seeds) for every `a <color> <shape>` prompt, `a <color> star` (a shape held out of pretraining), the generic
 `a <color> shape` and `a <color> sks shape` (the cross is drawn in pretraining but rarely named: how often does the
 base draw it unasked?), `a <color> plus` (its rare word) and `a <color> <shape> on a dark background` (the seen style, rarely named), and prints the
@@ -18,9 +19,9 @@ import time
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
 
 from sdpipe import sampling
+from sdpipe.families import folder_family
 from sdpipe.tinyworld import oracle, scoring, world
 
 
@@ -35,7 +36,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    pipeline = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, local_files_only=True)
+    family = folder_family(args.model, key="--model")
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    pipeline = pipeline_class.from_pretrained(args.model, local_files_only=True, **family.pipeline_kwargs)
     pipeline.set_progress_bar_config(disable=True)
     if args.scheduler:
         pipeline.scheduler = getattr(diffusers, args.scheduler).from_config(pipeline.scheduler.config)

@@ -118,3 +118,37 @@ def test_shipped_base_model_loads_offline_and_meets_the_accuracy_targets(shipped
     # issue 3's targets are 0.90 on benchmarks/tinyworld_base.py's 96 images; on this 24-image probe a reading or
     # two may flip between CPUs' float rounding, so the bar here is 21 of 24 (chance: color 0.25, shape 0.33)
     assert shipped_scores["shape"] >= 0.875 and shipped_scores["color"] >= 0.875, shipped_scores
+
+
+def test_toy_pretrain_xl_builds_an_sdxl_on_the_sd_base_that_diffusers_loads(tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdpipe.config.pretrain import PretrainXLParams
+    from sdpipe.families import SDXL
+    from sdpipe.tinyworld.pretrain_xl import pretrain_xl
+
+    xl = PretrainXLParams(clip_steps=2, clip_batch_size=8, unet_steps=2, unet_batch_size=4)
+    run = dict(seed=0, sd_base=tiny_sd_dir, out_dir=tmp_path / "xl", work_dir=tmp_path / "work",
+               metrics_path=tmp_path / "metrics.json")
+    metrics = pretrain_xl(TOY, xl, **run)
+    assert set(metrics["seconds"]) == {"xl_clip", "xl_unet", "this_run"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
+    assert pipe.config.force_zeros_for_empty_prompt is False  # the unconditional input is the empty caption's
+    assert pipe.tokenizer_2.pad_token == "!"
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)
+    for name in ("vae", "text_encoder"):  # SDXL's VAE and first text encoder are the SD base's
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(sd, name).state_dict()
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+    # the UNet takes what SDXL's pipeline gives it: context of both encoders, pooled embedding, time ids
+    conditioning = SDXL.encode([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                               ["a red circle"], torch.device("cpu"))
+    assert conditioning.context.shape[-1] == pipe.unet.config.cross_attention_dim
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", height=32, width=32, num_inference_steps=2).images[0].size == (32, 32)
+
+    # a second run with only the UNet's settings changed reuses the second text encoder's phase (the same folder)
+    [clip_phase] = (tmp_path / "work").glob("xl_clip-*")
+    inode = clip_phase.stat().st_ino
+    pretrain_xl(TOY, xl.model_copy(update={"unet_lr": xl.unet_lr / 2}), **run)
+    assert [path.stat().st_ino for path in (tmp_path / "work").glob("xl_clip-*")] == [inode]
+    assert len(list((tmp_path / "work").glob("xl_unet-*"))) == 1

@@ -23,7 +23,7 @@ from sdpipe.config.export import ExportParams
 from sdpipe.config.merge import MergeParams
 from sdpipe.config.paths import PathsParams
 from sdpipe.config.prepare import PrepareParams
-from sdpipe.config.pretrain import PretrainParams
+from sdpipe.config.pretrain import PretrainParams, PretrainXLParams
 from sdpipe.config.section import Section
 from sdpipe.config.train import TrainParams
 
@@ -39,6 +39,8 @@ class Params(Section):
     """Shared by every stage: base model, seed, device, precision, resolution, datasets."""
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
     """The tiny-world base model recipe (the frozen `pretrain` stage)."""
+    pretrain_xl: PretrainXLParams = Field(default_factory=PretrainXLParams)
+    """The tiny-world SDXL base model recipe (the frozen `pretrain_xl` stage)."""
     prepare: PrepareParams = Field(default_factory=PrepareParams)
     """Reading, cleaning and resizing the images of each dataset."""
     caption: CaptionParams = Field(default_factory=CaptionParams)

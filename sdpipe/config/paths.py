@@ -19,6 +19,10 @@ class PathsParams(Section):
     folder), the base of CLIP inversion."""
     pretrain_metrics: str = "artifacts/pretrain/metrics.json"
     """`pretrain` metrics: reconstruction error, CLIP retrieval accuracy, time per phase."""
+    pretrain_xl: str = "artifacts/pretrain/tinyworld_xl"
+    """`pretrain_xl` output: the tiny-world SDXL base model (diffusers `StableDiffusionXLPipeline` folder)."""
+    pretrain_xl_metrics: str = "artifacts/pretrain/metrics_xl.json"
+    """`pretrain_xl` metrics: the second text encoder's retrieval accuracy, time per phase."""
     class_images: str = "artifacts/class_images"
     """`class_images` output: DreamBooth's generated class images (`images/`, `manifest.jsonl`, and the
     `captions/class.jsonl` + `latents/class.safetensors` that training reads)."""

@@ -85,3 +85,21 @@ class PretrainParams(Section):
     needs to redraw a picture, e.g. a shape CLIP's captions never named); false: CLIP's embedding as it is."""
     variations_embedding_dropout: float = Field(default=0.1, ge=0, lt=1)
     """Share of image-variations steps' embeddings replaced by zeros (its unconditional input, for guidance)."""
+
+
+class PretrainXLParams(Section):
+    """The tiny-world SDXL (the frozen `pretrain_xl` stage): its own phases' settings; the world, its captions, the
+    warmup, caption dropout, min-SNR and EMA are `pretrain`'s."""
+
+    clip_steps: int = Field(default=1000, ge=1)
+    """Optimizer steps for the contrastive CLIP whose text tower, wider, is SDXL's second text encoder."""
+    clip_batch_size: int = Field(default=128, ge=2)
+    """Image-caption pairs per step of that CLIP."""
+    clip_lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of that CLIP."""
+    unet_steps: int = Field(default=4500, ge=1)
+    """Optimizer steps for the SDXL UNet (both text encoders and the VAE frozen)."""
+    unet_batch_size: int = Field(default=64, ge=1)
+    """Latents per SDXL UNet step."""
+    unet_lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of the SDXL UNet."""

@@ -119,39 +119,59 @@ def train_clip(
     tokenizer: CLIPTokenizer,
     params: PretrainParams,
     generator: torch.Generator,
+    text_config=None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    phase: str = "clip",
 ) -> CLIPModel:
+    """A CLIP trained contrastively on the images and their caption variants; by default the SD base's text tower
+    (`text_config` another one: SDXL's wider second encoder) with `pretrain.clip_*`'s steps, batch and rate."""
+    text_config = text_config or models.text_config(tokenizer)
+    steps = steps or params.clip_steps
+    batch_size = batch_size or params.clip_batch_size
     config = CLIPConfig(
-        text_config=models.text_config(tokenizer).to_dict(),
+        text_config=text_config.to_dict(),
         vision_config=models.vision_config().to_dict(),
-        projection_dim=models.PROJECTION_DIM,
+        projection_dim=text_config.projection_dim,
     )
     clip = CLIPModel(config)
     clip_pixels = clip_pixel_values(pixels)
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=params.clip_lr, weight_decay=0.1)
-    schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, params.clip_steps)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=learning_rate or params.clip_lr, weight_decay=0.1)
+    schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, steps)
     clip.train()
-    for step in range(params.clip_steps):
-        index = torch.randint(len(pixels), (params.clip_batch_size,), generator=generator)
-        variant = torch.randint(len(captions[0]), (params.clip_batch_size,), generator=generator)
+    for step in range(steps):
+        index = torch.randint(len(pixels), (batch_size,), generator=generator)
+        variant = torch.randint(len(captions[0]), (batch_size,), generator=generator)
         texts = [captions[i][v] for i, v in zip(index.tolist(), variant.tolist())]
         input_ids = tokenize(tokenizer, texts)
         loss = clip(input_ids=input_ids, pixel_values=clip_pixels[index], return_loss=True).loss
         _step(loss, optimizer, schedule, clip.parameters())
-        _log_step("clip", step, params.clip_steps, loss)
+        _log_step(phase, step, steps, loss)
     clip.eval()
     return clip
 
 
-def text_condition(caption_ids: torch.Tensor, caption_states: torch.Tensor):
-    """The text UNet's context for a batch: a random caption variant of each image, or (caption dropout) the empty
-    caption. `caption_ids[i]` lists the caption variants of image i as rows of `caption_states`; the last row of
-    `caption_states` is the empty caption."""
+def text_condition(caption_ids: torch.Tensor, caption_states: torch.Tensor, pooled: torch.Tensor | None = None):
+    """The text UNet's conditioning for a batch (its keyword arguments): a random caption variant of each image, or
+    (caption dropout) the empty caption. `caption_ids[i]` lists the caption variants of image i as rows of
+    `caption_states`; the last row of `caption_states` is the empty caption. With `pooled` (SDXL: a row per caption,
+    as `caption_states`), also the pooled embedding and the time ids of an uncropped world image."""
     empty_caption = len(caption_states) - 1
+    size = float(world.RESOLUTION)
+    image_time_ids = torch.tensor([size, size, 0.0, 0.0, size, size])
 
-    def condition(index: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    def condition(index: torch.Tensor, dropout: float, generator: torch.Generator) -> dict:
         variant = torch.randint(caption_ids.shape[1], (len(index),), generator=generator)
         dropped = torch.rand(len(index), generator=generator) < dropout
-        return caption_states[torch.where(dropped, empty_caption, caption_ids[index, variant])]
+        rows = torch.where(dropped, empty_caption, caption_ids[index, variant])
+        if pooled is None:
+            return {"encoder_hidden_states": caption_states[rows]}
+        time_ids = image_time_ids.expand(len(index), -1)
+        return {
+            "encoder_hidden_states": caption_states[rows],
+            "added_cond_kwargs": {"text_embeds": pooled[rows], "time_ids": time_ids},
+        }
 
     return condition
 
@@ -160,11 +180,11 @@ def image_condition(image_encoder: CLIPVisionModelWithProjection, pixel_values: 
     """The image-variations UNet's context for a batch: each image's CLIP image embedding (`image_embeds`) as one
     token, or zeros (what diffusers' `StableDiffusionImageVariationPipeline` feeds as the unconditional input)."""
 
-    def condition(index: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    def condition(index: torch.Tensor, dropout: float, generator: torch.Generator) -> dict:
         dropped = torch.rand(len(index), generator=generator) < dropout
         with torch.set_grad_enabled(image_encoder.training):
             embeds = image_encoder(pixel_values[index]).image_embeds
-        return torch.where(dropped[:, None], torch.zeros_like(embeds), embeds)[:, None, :]
+        return {"encoder_hidden_states": torch.where(dropped[:, None], torch.zeros_like(embeds), embeds)[:, None, :]}
 
     return condition
 
@@ -182,8 +202,8 @@ def train_unet(
     phase: str = "unet",
     trained_with: torch.nn.Module | None = None,
 ) -> UNet2DConditionModel:
-    """Trains `unet` on cached latents and the contexts `condition` draws for them (and `trained_with`, a module
-    the contexts come through, beside it); leaves the EMA weights in both."""
+    """Trains `unet` on cached latents and the conditioning `condition` draws for them (its keyword arguments; and
+    `trained_with`, a module the contexts come through, beside it); leaves the EMA weights in both."""
     scheduler = models.train_scheduler()
     parameters = list(unet.parameters()) + (list(trained_with.parameters()) if trained_with is not None else [])
     ema = EMAModel(parameters, decay=params.unet_ema_decay, use_ema_warmup=True)
@@ -194,12 +214,12 @@ def train_unet(
         trained_with.train()
     for step in range(steps):
         index = torch.randint(len(latents), (batch_size,), generator=generator)
-        context = condition(index, dropout, generator)
+        conditioning = condition(index, dropout, generator)
         clean = latents[index]
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, context).sample
+        prediction = unet(noisy, timesteps, **conditioning).sample
         loss = diffusion_loss(prediction, noise, timesteps, scheduler, params.snr_gamma)
         _step(loss, optimizer, schedule, parameters)
         ema.step(parameters)
