@@ -44,6 +44,8 @@ from PIL import Image
 from sdpipe.config.merge import LORA_FILE_METHODS
 from sdpipe.encode import dataset_images, load_latents
 from sdpipe.errors import SdpipeError
+from sdpipe.families import pipeline_family
+from sdpipe.families.sdxl import time_ids
 from sdpipe.io import atomic_path, read_jsonl, write_json
 from sdpipe.methods.registry import METHODS
 from sdpipe.models.loading import load_pipeline
@@ -137,14 +139,16 @@ def load_candidate(params, name: str, device: torch.device) -> Candidate:
     )
 
 
-def evaluate_model(params, name: str, device: torch.device) -> dict:
-    """Scores one model (the `evaluate_base`, `evaluate@<method>` and `evaluate_merge@<recipe>` stages): writes
-    `<eval>/models/<name>/metrics.json` and the sample grid `<eval>/grids/<name>/<name>.png`; returns the metrics.
+def evaluate_model(params, name: str, device: torch.device, row: str | None = None) -> dict:
+    """Scores one model (the `evaluate_base`, `evaluate@<method>` and `evaluate_merge@<recipe>` stages, and the
+    `_family` ones): writes `<eval>/models/<row>/metrics.json` and the sample grid `<eval>/grids/<row>/<row>.png`
+    (`row`: `name`, or `<family>-<name>` for an extra family's model); returns the metrics.
 
     The grid's folder is the stage's plots output, so it is made even where no grid is (a method scored by its own
     measure). A merge recipe that writes a LoRA file gets a metrics file saying it is not scored."""
+    row = row or name
     out_dir = Path(params.paths.eval)
-    grid_dir = out_dir / "grids" / name
+    grid_dir = out_dir / "grids" / row
     grid_dir.mkdir(parents=True, exist_ok=True)
     recipe = params.merge.recipes.get(name.removeprefix("merge-")) if name.startswith("merge-") else None
     if recipe is not None and recipe.method in LORA_FILE_METHODS:
@@ -157,25 +161,41 @@ def evaluate_model(params, name: str, device: torch.device) -> dict:
             metrics = {"concept": concept, **candidate.metrics}
         else:
             reference = Reference(params, device, concept)
-            metrics = evaluate_candidate(candidate, params.evaluate, reference, concept, grid_dir / f"{name}.png")
-    write_json(model_metrics_path(params, name), metrics)
+            metrics = evaluate_candidate(candidate, params.evaluate, reference, concept, grid_dir / f"{row}.png")
+    write_json(model_metrics_path(params, row), metrics)
     return metrics
 
 
-def summarize(params) -> dict[str, dict]:
-    """The scoreboard's rows from each model's `metrics.json` (see `model_names`), with `prior_preservation`: a
-    sampled model's `joint_accuracy` relative to the base's (1.0 for the base; only with the oracle)."""
+def scoreboard_rows(params) -> dict[str, dict]:
+    """The scoreboard: the main base's rows (`summarize`), then those of each of `base.extra_families`
+    (`<family>-<model>`, compared with their own base); every row says its model family."""
+    from sdpipe.config.sdxl import family_view
+    from sdpipe.models.loading import model_family
+
+    rows = {}
+    for family in [None, *params.base.extra_families]:
+        view = params if family is None else family_view(params, family)
+        family_name = model_family(view.base.base_model, view.base.base_model_config).name
+        for name, metrics in summarize(view, prefix="" if family is None else f"{family}-").items():
+            rows[name] = {"family": family_name, **metrics}
+    return rows
+
+
+def summarize(params, prefix: str = "") -> dict[str, dict]:
+    """The scoreboard's rows from each model's `metrics.json` (see `model_names`; rows `<prefix><model>`), with
+    `prior_preservation`: a sampled model's `joint_accuracy` relative to the base's (1.0 for the base; only with
+    the oracle)."""
     rows: dict[str, dict] = {}
     for name in model_names(params):
-        path = model_metrics_path(params, name)
+        path = model_metrics_path(params, prefix + name)
         if not path.is_file():
             stage = "evaluate_base" if name == "base" else f"evaluate@{name}" if name in params.train.methods else (
                 f"evaluate_merge@{name.removeprefix('merge-')}"
             )
-            raise SdpipeError(f"{path}: missing; run `dvc repro {stage}` first")
-        rows[name] = json.loads(path.read_text(encoding="utf-8"))
-    base_joint = rows["base"].get("joint_accuracy")
-    base_rates = rows["base"].get("concept_rates", {})
+            raise SdpipeError(f"{path}: missing; run `dvc repro {stage}` (or its `_family` stage) first")
+        rows[prefix + name] = json.loads(path.read_text(encoding="utf-8"))
+    base_joint = rows[prefix + "base"].get("joint_accuracy")
+    base_rates = rows[prefix + "base"].get("concept_rates", {})
     for metrics in rows.values():
         if "joint_accuracy" in metrics:
             metrics["prior_preservation"] = round(metrics["joint_accuracy"] / base_joint, 4) if base_joint else 0.0
@@ -327,7 +347,10 @@ def validation_loss(pipeline, latents: torch.Tensor, captions: list[str], trigge
     """Mean squared error of the model's prediction at fixed timesteps with fixed noise (seed 0)."""
     device = pipeline.device
     captions = [replace_word(caption, settings.trigger, trigger) for caption in captions]
-    embeddings = pipeline.encode_prompt(captions, device, 1, False)[0]
+    family = pipeline_family(pipeline)
+    conditioning = family.pipeline_conditioning(pipeline, captions, device)
+    height, width = (side * pipeline.vae_scale_factor for side in latents.shape[-2:])
+    image_time_ids = time_ids([(height, width)] * len(latents), [(0, 0)] * len(latents), (height, width))
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     generator = torch.Generator().manual_seed(0)
     latents = latents.to(device, dtype=pipeline.unet.dtype)
@@ -336,7 +359,7 @@ def validation_loss(pipeline, latents: torch.Tensor, captions: list[str], trigge
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype=latents.dtype)
         timesteps = torch.full((len(latents),), timestep, device=device, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = pipeline.unet(noisy, timesteps, embeddings).sample
+        prediction = family.predict(pipeline.unet, noisy, timesteps, conditioning, image_time_ids.to(device))
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         losses.append(torch.nn.functional.mse_loss(prediction.float(), target.float()).item())
     return sum(losses) / len(losses)
@@ -447,6 +470,7 @@ def write_summary(rows: dict[str, dict], out_dir: Path) -> None:
 
 
 SUMMARY_COLUMNS = (
+    "family",
     "concept",
     "fidelity",
     "editability",

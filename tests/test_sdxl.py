@@ -202,3 +202,45 @@ def test_lora_on_sdxl_writes_kohya_sdxl_names_that_diffusers_loads_every_key_of(
             torch.testing.assert_close(fused[key], expected[key], rtol=1e-5, atol=1e-6)
     base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir).text_encoder_2.state_dict()
     assert any(not torch.equal(base[key], expected[key]) for key in base)  # the second text encoder was adapted
+
+
+def test_an_extra_family_runs_on_its_view_of_the_params_and_scores_rows_of_its_own(sdxl_dir, tiny_sd_dir, tmp_path):
+    import json
+
+    from sdpipe.config.sdxl import family_view
+    from sdpipe.evaluate import scoreboard_rows
+
+    params = parse_params({
+        "paths": {key: f"{tmp_path}/{key}" for key in ("latents", "class_images", "train", "eval", "families")},
+        "base": {"base_model": str(tiny_sd_dir), "datasets": ["star"], "extra_families": ["sdxl"]},
+        "train": {"methods": ["hypernetwork", "lora"], "lora": {"datasets": ["star"]}, "hypernetwork": {"datasets": ["star"]}},
+        "sdxl": {"base_model": str(sdxl_dir), "methods": ["lora"]},
+    })
+    view = family_view(params, "sdxl")
+    assert (view.base.base_model, view.train.methods, view.merge.recipes) == (str(sdxl_dir), ["lora"], {})
+    assert view.paths.latents == f"{tmp_path}/families/sdxl/latents" and view.paths.eval == params.paths.eval
+    assert view.paths.train == f"{tmp_path}/families/sdxl/train" and params.paths.train == f"{tmp_path}/train"
+
+    rows = {
+        "base": {"joint_accuracy": 0.8}, "hypernetwork": {"joint_accuracy": 0.4}, "lora": {"joint_accuracy": 0.8},
+        "sdxl-base": {"joint_accuracy": 0.5}, "sdxl-lora": {"joint_accuracy": 0.4},
+    }
+    for name, metrics in rows.items():
+        path = tmp_path / "eval" / "models" / name / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(metrics))
+    scored = scoreboard_rows(params)
+    assert list(scored) == ["base", "hypernetwork", "lora", "sdxl-base", "sdxl-lora"]
+    assert [row["family"] for row in scored.values()] == ["sd", "sd", "sd", "sdxl", "sdxl"]
+    assert scored["lora"]["prior_preservation"] == 1.0 and scored["sdxl-lora"]["prior_preservation"] == 0.8
+
+
+def test_a_family_stage_refuses_a_family_not_in_extra_families(tmp_path, monkeypatch):
+    import sys
+
+    from sdpipe.stage import run_stage
+
+    (tmp_path / "params.yaml").write_text("base:\n  extra_families: []\n")
+    monkeypatch.setattr(sys, "argv", ["stages/encode.py", "--family", "sdxl"])
+    with pytest.raises(SystemExit):
+        run_stage("encode", lambda params: pytest.fail("the body ran"), params_path=str(tmp_path / "params.yaml"))

@@ -24,6 +24,7 @@ from sdpipe.config.merge import MergeParams
 from sdpipe.config.paths import PathsParams
 from sdpipe.config.prepare import PrepareParams
 from sdpipe.config.pretrain import PretrainParams, PretrainXLParams
+from sdpipe.config.sdxl import SdxlParams
 from sdpipe.config.section import Section
 from sdpipe.config.train import TrainParams
 
@@ -55,6 +56,8 @@ class Params(Section):
     """Sampling and scoring every model."""
     export: ExportParams = Field(default_factory=ExportParams)
     """ONNX export."""
+    sdxl: SdxlParams = Field(default_factory=SdxlParams)
+    """The SDXL base built and scored beside `base.base_model` when `base.extra_families` lists `sdxl`."""
 
 
 class ParamsError(ValueError):
@@ -120,7 +123,8 @@ def cross_section_problems(params: Params) -> list[str]:
     datasets = params.base.datasets
     listed = ", ".join(datasets)
     problems = [f"base.datasets: {name} is listed twice" for name in sorted(set(datasets)) if datasets.count(name) > 1]
-    for method in params.train.methods:
+    extra_methods = params.sdxl.methods if "sdxl" in params.base.extra_families else []
+    for method in dict.fromkeys([*params.train.methods, *extra_methods]):
         chosen = getattr(getattr(params.train, method), "datasets", None)  # None: all of base.datasets
         if chosen is not None and not chosen:
             problems.append(f"train.{method}.datasets: empty; list datasets of base.datasets, or null for all of them")

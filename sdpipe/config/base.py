@@ -14,6 +14,11 @@ class BaseParams(Section):
     base_model_config: str | None = None
     """For a single-file checkpoint: a local diffusers folder (or its config files) describing its architecture."""
 
+    extra_families: list[Literal["sdxl"]] = Field(default_factory=list)
+    """Model families built and scored beside `base_model`'s, each on its own base (`sdxl.base_model`) with its own
+    methods (`sdxl.methods`): the tiny world's params.yaml has `[sdxl]` (the tiny SDXL beside the tiny SD 1.x); `[]`
+    builds `base_model` only."""
+
     seed: int = Field(default=0, ge=0, lt=2**63)
     """Seed for every random choice in every stage (below 2**63: torch seeds are 64-bit); the same seed gives the
     same outputs."""

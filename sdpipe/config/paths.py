@@ -23,6 +23,8 @@ class PathsParams(Section):
     """`pretrain_xl` output: the tiny-world SDXL base model (diffusers `StableDiffusionXLPipeline` folder)."""
     pretrain_xl_metrics: str = "artifacts/pretrain/metrics_xl.json"
     """`pretrain_xl` metrics: the second text encoder's retrieval accuracy, time per phase."""
+    families: str = "artifacts/families"
+    """What the stages of `base.extra_families` write: `<families>/<family>/latents`, `class_images`, `train`, `eval`."""
     class_images: str = "artifacts/class_images"
     """`class_images` output: DreamBooth's generated class images (`images/`, `manifest.jsonl`, and the
     `captions/class.jsonl` + `latents/class.safetensors` that training reads)."""

@@ -13,7 +13,10 @@ from sdpipe.families.sdxl import SDXL
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD, SDXL)}
 SINGLE_FILE_MARKERS = {"conditioner.embedders.": SDXL}  # a key prefix only that family's checkpoints have
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "family_of_class", "folder_class_name", "folder_family", "single_file_family"]
+__all__ = [
+    "FAMILIES", "SD", "SDXL", "Conditioning", "ModelFamily", "family_of_class", "folder_class_name", "folder_family",
+    "pipeline_family", "single_file_family",
+]
 
 
 def family_of_class(class_name: str) -> ModelFamily | None:
@@ -47,3 +50,13 @@ def single_file_family(keys) -> ModelFamily:
         if any(name.startswith(prefix) for name in keys):
             return family
     return SD
+
+
+def pipeline_family(pipeline) -> ModelFamily:
+    """The family of a loaded pipeline, or of a method's subclass of a family's pipeline class."""
+    import diffusers
+
+    for family in FAMILIES.values():
+        if isinstance(pipeline, getattr(diffusers, family.pipeline_class)):
+            return family
+    raise SdpipeError(f"a {type(pipeline).__name__} is not a pipeline of {', '.join(FAMILIES)}")

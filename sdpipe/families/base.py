@@ -82,6 +82,11 @@ class ModelFamily:
         """The conditioning of `captions`, computed as the family's diffusers pipeline computes it."""
         raise NotImplementedError
 
+    def pipeline_conditioning(self, pipeline, prompts: list[str], device) -> Conditioning:
+        """The conditioning of `prompts` as a loaded pipeline of the family computes it (`encode_prompt`, which also
+        expands textual-inversion tokens and may be a method's own, e.g. aesthetic gradients'), without guidance."""
+        raise NotImplementedError
+
     def unet_kwargs(self, conditioning: Conditioning, time_ids: torch.Tensor | None) -> dict:
         """The UNet's keyword arguments besides the latents and timesteps."""
         raise NotImplementedError

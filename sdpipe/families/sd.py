@@ -22,6 +22,9 @@ class StableDiffusion(ModelFamily):
         [tokenizer], [text_encoder] = tokenizers, text_encoders
         return Conditioning(text_encoder(token_ids(tokenizer, captions).to(device))[0])
 
+    def pipeline_conditioning(self, pipeline, prompts, device) -> Conditioning:
+        return Conditioning(pipeline.encode_prompt(prompts, device, 1, False)[0])
+
     def unet_kwargs(self, conditioning: Conditioning, time_ids: torch.Tensor | None) -> dict:
         return {"encoder_hidden_states": conditioning.context}
 

@@ -30,6 +30,12 @@ class StableDiffusionXL(ModelFamily):
             contexts.append(output.hidden_states[-2])
         return Conditioning(torch.cat(contexts, dim=-1), pooled)
 
+    def pipeline_conditioning(self, pipeline, prompts, device) -> Conditioning:
+        context, _, pooled, _ = pipeline.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return Conditioning(context, pooled)
+
     def unet_kwargs(self, conditioning: Conditioning, time_ids: torch.Tensor | None) -> dict:
         if time_ids is None:
             raise ValueError("SDXL's UNet needs the time ids (original size, crop, target size) of each image")

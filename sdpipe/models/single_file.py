@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sdpipe.errors import SdpipeError
-from sdpipe.families import SD, SDXL, ModelFamily, family_of_class, folder_family, single_file_family
+from sdpipe.families import SDXL, ModelFamily, folder_family, pipeline_family, single_file_family
 from sdpipe.io import SafetensorsWriter, atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
@@ -326,7 +326,7 @@ def save_single_file(
         models = load_folder_models(Path(pipeline_or_folder))
     else:
         pipeline = pipeline_or_folder
-        family = family_of_class(type(pipeline).__name__) or SD
+        family = pipeline_family(pipeline)
         models = family, pipeline.unet, pipeline.vae, [getattr(pipeline, name) for name in family.text_encoders]
     # The models' own tensors under original keys (no copies); each is cast and written one at a time, so the
     # write needs one tensor's memory beyond the models.
