@@ -4,6 +4,8 @@ original-layout (SGM) single file that diffusers reads back weight for weight; m
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -244,3 +246,51 @@ def test_a_family_stage_refuses_a_family_not_in_extra_families(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["stages/encode.py", "--family", "sdxl"])
     with pytest.raises(SystemExit):
         run_stage("encode", lambda params: pytest.fail("the body ran"), params_path=str(tmp_path / "params.yaml"))
+
+
+def test_real_size_sdxl_keeps_the_real_single_file_and_kohya_lora_names():
+    """SDXL base 1.0's architecture on the meta device (no weights): the single-file keys sdpipe writes are the ones
+    diffusers' own converter reads back to every UNet weight, and the LoRA names are kohya's."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from sdpipe.formats.kohya import sdxl_unet_names
+    from sdpipe.models.sdxl_configs import SDXL_UNET
+    from sdpipe.models.single_file import unet_to_original
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    state_dict = unet.state_dict()
+    assert sum(tensor.numel() for tensor in state_dict.values()) == 2_567_463_684  # SDXL base 1.0's UNet
+    original = unet_to_original(state_dict, unet.config)
+    for key in ("label_emb.0.0.weight", "input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight",
+                "middle_block.1.transformer_blocks.9.ff.net.2.weight", "output_blocks.2.2.conv.weight",
+                "output_blocks.8.0.skip_connection.weight", "input_blocks.3.0.op.weight"):
+        assert key in original, key
+    read_back = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in original.items()}, unet.config)
+    assert set(read_back) == set(state_dict)
+
+    linear_paths = [path for path, module in unet.named_modules() if isinstance(module, torch.nn.Linear)]
+    names = sdxl_unet_names(linear_paths, unet.config)
+    for kohya in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                  "lora_unet_middle_block_1_transformer_blocks_9_ff_net_0_proj",
+                  "lora_unet_output_blocks_0_1_transformer_blocks_9_attn2_to_out_0",
+                  "lora_unet_output_blocks_5_1_proj_out"):
+        assert kohya in names.values(), kohya
+    # diffusers' load_lora_weights reads kohya's SGM names back (its two conversion steps) to the layers sdpipe named
+    sgm = {f"{name}.{part}": torch.zeros(1) for name in names.values() for part in ("lora_down.weight", "lora_up.weight")}
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(sgm, unet.config))
+    # (its intermediate names, which it then hands to peft: `<path>.lora.down.weight`, and for attention projections
+    # `<attention>.processor.to_q_lora.down.weight`, `…to_out_lora…` for `to_out.0`)
+    read = set()
+    for key in converted:
+        if key.endswith(".down.weight"):
+            path = key.removeprefix("unet.").removesuffix(".down.weight").removesuffix(".lora")
+            path = re.sub(r"\.processor\.(to_q|to_k|to_v)_lora$", r".\1", path)
+            read.add(re.sub(r"\.processor\.to_out_lora$", ".to_out.0", path))
+    assert read == set(linear_paths)
