@@ -1,4 +1,4 @@
-"""Every stage and every method at real size: Stable Diffusion 1.5 and 2.x architectures with random weights.
+"""Every stage and every method at real size: Stable Diffusion 1.5, 2.x and XL architectures with random weights.
 
 Builds the models of `--arch` (`sdpipe.models.random_weights`: the base pipeline, a CLIP model of its size for
 aesthetic gradient and evaluate, and for SD 1.5 an image-variations model for CLIP inversion; fp32 by default, never
@@ -13,8 +13,12 @@ For each stage it prints the wall time and the peak RSS of the stage's process (
 any. The rule it checks: a stage's peak is its training state plus at most one more copy of the model, and the whole
 thing fits a 24 GB machine.
 
-    python benchmarks/real_size.py [--arch sd15|sd2] [--work DIR] [--stages prepare,encode,train@lora,...]
+    python benchmarks/real_size.py [--arch sd15|sd2|sdxl] [--work DIR] [--stages prepare,encode,train@lora,...]
         [--dtype fp32|fp16] [--resolution 64]
+
+SDXL runs the methods that train SDXL so far (no merge or export yet: issue #22) from a checkpoint saved in fp16
+with `--dtype fp16` (training computes in fp32 on the CPU), and checks that the LoRA's names are kohya's names of SDXL
+base 1.0's layers.
 
 `--work DIR` keeps the models and the workspace in DIR (built once, reused by later runs with the same DIR);
 without it they go to a temporary folder that is removed at the end (SD 1.5 needs about 15 GB of disk).
@@ -42,6 +46,7 @@ METHODS = {
     "sd15": list(REGISTERED_METHODS),
     # no image-variations model exists for SD 2.x (its unCLIP takes another conditioning): CLIP inversion is SD 1.5's
     "sd2": [name for name in REGISTERED_METHODS if name != "clip_inversion"],
+    "sdxl": [name for name, method in REGISTERED_METHODS.items() if "sdxl" in method.families],
 }
 MERGE_RECIPES = {
     "dreambooth_finetune": None,  # the default params.yaml's recipe
@@ -83,7 +88,7 @@ def workspace_params(arch: str, models: dict[str, Path], resolution: int) -> dic
     """The repository's params.yaml, pointed at the real-size models and cut down to a few steps of everything."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     methods = METHODS[arch]
-    params["base"].update(base_model=str(models["model"]), resolution=resolution)
+    params["base"].update(base_model=str(models["model"]), resolution=resolution, extra_families=[])
     common = params["train"]["common"]
     common.update(batch_size=1, checkpoint_every=0, sample_every=0, lr_warmup_steps=0)
     train = params["train"]
@@ -98,6 +103,8 @@ def workspace_params(arch: str, models: dict[str, Path], resolution: int) -> dic
         train["clip_inversion"]["variations_model"] = str(models["variations"])
     default_recipes = params["merge"]["recipes"]
     params["merge"]["recipes"] = {name: recipe or default_recipes[name] for name, recipe in MERGE_RECIPES.items()}
+    if arch == "sdxl":
+        params["merge"]["recipes"] = {}
     # a real model's evaluation: CLIP metrics, no tiny-world oracle
     params["evaluate"].update(seeds_per_prompt=2, steps=2, batch_size=8, clip_model=str(models["clip"]), oracle=False)
     params["export"].update(check_steps=2)
@@ -112,14 +119,17 @@ def stage_commands(arch: str, models: dict[str, Path]) -> dict[str, list[str]]:
     stages = {name: stage(name) for name in ("prepare", "caption", "encode", "class_images")}
     for method in METHODS[arch]:
         stages[f"train@{method}"] = stage("train", method)
-    stages["merge"] = stage("merge")
+    if arch != "sdxl":
+        stages["merge"] = stage("merge")
     stages["evaluate_base"] = stage("evaluate", "base")
     for method in METHODS[arch]:
         stages[f"evaluate@{method}"] = stage("evaluate", method)
-    for recipe in MERGE_RECIPES:
-        stages[f"evaluate_merge@{recipe}"] = stage("evaluate", f"merge-{recipe}")
+    if arch != "sdxl":
+        for recipe in MERGE_RECIPES:
+            stages[f"evaluate_merge@{recipe}"] = stage("evaluate", f"merge-{recipe}")
     stages["scoreboard"] = stage("scoreboard")
-    stages["export"] = stage("export")
+    if arch != "sdxl":
+        stages["export"] = stage("export")
     convert = [sys.executable, "-m", "sdpipe.cli", "convert", "--overwrite"]
     stages["convert folder -> single file"] = [*convert, str(models["model"]), "converted.safetensors"]
     stages["convert single file -> folder"] = [
@@ -136,6 +146,22 @@ def run_measured(command: list[str], cwd: Path, log_path: Path) -> tuple[int, fl
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, time.monotonic() - started, usage.ru_maxrss * 1024 / GIB
+
+
+def sdxl_lora_names_check(work: Path) -> str:
+    """Whether every layer of the real-size SDXL LoRA has kohya's name of a layer of SDXL base 1.0 (raises if not)."""
+    from sdpipe.formats.diffusers_lora import model_module_paths
+    from sdpipe.formats.kohya import group_by_layer, load_kohya_lora
+
+    tensors, metadata = load_kohya_lora(work / "artifacts" / "train" / "lora" / "model" / "lora.safetensors")
+    real_names = {name for paths in model_module_paths(None, sdxl=True).values() for name in paths}
+    layers = group_by_layer(tensors)
+    unknown = sorted(set(layers) - real_names)
+    if unknown:
+        raise SystemExit(f"the SDXL LoRA has {len(unknown)} layer names SDXL base 1.0 lacks: {unknown[:5]}")
+    prefixes = sorted({name.split("_")[1] for name in layers})
+    return (f"SDXL LoRA: {len(layers)} layers ({', '.join(prefixes)}), every name one of SDXL base 1.0's kohya names; "
+            f"ss_base_model_version {metadata.get('ss_base_model_version')}")
 
 
 def main() -> None:
@@ -177,6 +203,8 @@ def main() -> None:
             print(f"{name:28} {seconds:8.1f} {peak:13.2f} {peak / size:8.2f}  {baseline}{mark}", flush=True)
             if status != 0:
                 failed.append(name)
+        if args.arch == "sdxl" and results.get("train@lora", {}).get("status") == 0:
+            print(sdxl_lora_names_check(work), flush=True)
         (work / "real_size.json").write_text(json.dumps({"arch": args.arch, "dtype": args.dtype,
                                                          "model_gib": size, "stages": results}, indent=2))
         if failed:

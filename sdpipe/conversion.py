@@ -10,6 +10,11 @@
 | sd-checkpoint (`.safetensors`)                | diffusers                | diffusers folder (needs `--config`)      |
 | any state dict in a `.pt`/`.ckpt`/`.bin`      | safetensors              | the same tensors as `.safetensors`       |
 
+LoRAs of SDXL convert both ways too: kohya's SDXL names (`lora_unet_input_blocks_4_1_…`, `lora_te1_…`, `lora_te2_…`)
+↔ diffusers' (`unet.down_blocks.1.attentions.0.…`, `text_encoder.…`, `text_encoder_2.…`). Which original block a
+diffusers layer is in depends on the UNet's layout, so `--config` (the SDXL folder the LoRA was trained on) names it;
+without it SDXL base 1.0's layout is used, right for LoRAs of SDXL 1.0 and its fine-tunes.
+
 Pickled inputs are read with `torch.load(weights_only=True)` only. Every output is written atomically.
 """
 
@@ -66,7 +71,7 @@ def convert_model(
 ) -> str:
     """Converts `src` into `dst` in the format `to` (default: the usual one for `src`'s format); returns a one-line
     summary. `config` is a diffusers folder: the architecture of a single file (`--to diffusers`, required) or
-    exact layer names for kohya → peft. `dtype` (fp32/fp16/bf16) casts a `--to single-file` checkpoint.
+    exact layer names for kohya ↔ peft (an SDXL LoRA's original block names). `dtype` (fp32/fp16/bf16) casts a `--to single-file` checkpoint.
 
     Raises `SdpipeError` when the conversion is not possible; `dst` is then left as it was.
     """
@@ -92,8 +97,8 @@ def convert_model(
         raise SdpipeError(f"{dst}: --to {target} writes a folder; name the output without a file suffix")
     if dtype is not None and target != "single-file":
         raise SdpipeError("--dtype applies to --to single-file only")
-    if config is not None and target not in ("diffusers", "peft"):
-        raise SdpipeError("--config applies to --to diffusers (the architecture) and --to peft (layer names) only")
+    if config is not None and target not in ("diffusers", "peft", "kohya"):
+        raise SdpipeError("--config applies to --to diffusers (the architecture) and --to peft/kohya (layer names) only")
 
     if target == "safetensors" and source_format not in EMBEDDING_FORMATS:
         tensors = find_state_dict(load_pickled(src))
@@ -117,7 +122,7 @@ def convert_model(
         return f"{src} → {dst}: {len(tensors) // 2} LoRA layers in the diffusers/PEFT layout"
     if target == "kohya":
         tensors, metadata = read_state_dict(src)
-        tensors, metadata = diffusers_lora.diffusers_to_kohya(tensors, metadata)
+        tensors, metadata = diffusers_lora.diffusers_to_kohya(tensors, metadata, config)
         kohya.save_kohya_lora(tensors, dst, metadata)
         return f"{src} → {dst}: {len(tensors) // 3} LoRA layers in the kohya layout"
     if target == "single-file":

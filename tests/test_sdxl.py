@@ -12,7 +12,9 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from sdpipe.config import parse_params
+from sdpipe.config import ParamsError, parse_params
+from sdpipe.config.train import TrainParams
+from sdpipe.conversion import convert_model
 from sdpipe.config.encode import EncodeParams
 from sdpipe.encode import encode_dataset, load_latents
 from sdpipe.errors import SdpipeError
@@ -152,9 +154,7 @@ def test_textual_inversion_on_sdxl_writes_clip_l_and_clip_g_that_diffusers_loads
         initializer = base_encoder.get_input_embeddings().weight[tokenizer("shape", add_special_tokens=False).input_ids[0]]
         assert not torch.equal(tensors[key][0], initializer)  # each encoder's row trained away from `shape`
 
-
 def test_convert_round_trips_an_sdxl_folder_through_a_single_file(sdxl_dir, tmp_path):
-    from sdpipe.conversion import convert_model
 
     convert_model(sdxl_dir, tmp_path / "xl.safetensors")
     convert_model(tmp_path / "xl.safetensors", tmp_path / "back", config=sdxl_dir)
@@ -205,6 +205,26 @@ def test_lora_on_sdxl_writes_kohya_sdxl_names_that_diffusers_loads_every_key_of(
     base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir).text_encoder_2.state_dict()
     assert any(not torch.equal(base[key], expected[key]) for key in base)  # the second text encoder was adapted
 
+    # `sdpipe convert`: kohya SDXL → diffusers/PEFT (layer paths from the architecture of --config) → kohya SDXL,
+    # exactly the same tensors; diffusers loads the PEFT file with an adapter on every layer
+    convert_model(model_dir / "lora.safetensors", tmp_path / "peft.safetensors", config=sdxl_dir)
+    peft_tensors, _ = load_kohya_lora(tmp_path / "peft.safetensors")
+    assert {key.split(".")[0] for key in peft_tensors} == {"unet", "text_encoder", "text_encoder_2"}
+    assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in peft_tensors
+    convert_model(tmp_path / "peft.safetensors", tmp_path / "back.safetensors", config=sdxl_dir)
+    back, back_metadata = load_kohya_lora(tmp_path / "back.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[key], tensors[key]) for key in tensors)
+    assert back_metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    peft_pipeline = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    peft_pipeline.load_lora_weights(str(tmp_path), weight_name="peft.safetensors")
+    peft_adapted = [
+        module
+        for component in (peft_pipeline.unet, peft_pipeline.text_encoder, peft_pipeline.text_encoder_2)
+        for module in component.modules()
+        if hasattr(module, "lora_A") and len(module.lora_A)
+    ]
+    assert len(peft_adapted) == len(layers)
+
 
 def test_an_extra_family_runs_on_its_view_of_the_params_and_scores_rows_of_its_own(sdxl_dir, tiny_sd_dir, tmp_path):
     import json
@@ -216,10 +236,12 @@ def test_an_extra_family_runs_on_its_view_of_the_params_and_scores_rows_of_its_o
         "paths": {key: f"{tmp_path}/{key}" for key in ("latents", "class_images", "train", "eval", "families")},
         "base": {"base_model": str(tiny_sd_dir), "datasets": ["star"], "extra_families": ["sdxl"]},
         "train": {"methods": ["hypernetwork", "lora"], "lora": {"datasets": ["star"]}, "hypernetwork": {"datasets": ["star"]}},
-        "sdxl": {"base_model": str(sdxl_dir), "methods": ["lora"]},
+        "sdxl": {"base_model": str(sdxl_dir), "methods": ["lora"], "train": {"lora": {"max_steps": 7}}},
     })
     view = family_view(params, "sdxl")
     assert (view.base.base_model, view.train.methods, view.merge.recipes) == (str(sdxl_dir), ["lora"], {})
+    assert (view.train.lora.max_steps, params.train.lora.max_steps) == (7, TrainParams().lora.max_steps)
+    assert view.train.lora.learning_rate == params.train.lora.learning_rate  # what the family does not change
     assert view.paths.latents == f"{tmp_path}/families/sdxl/latents" and view.paths.eval == params.paths.eval
     assert view.paths.train == f"{tmp_path}/families/sdxl/train" and params.paths.train == f"{tmp_path}/train"
 
@@ -294,3 +316,77 @@ def test_real_size_sdxl_keeps_the_real_single_file_and_kohya_lora_names():
             path = re.sub(r"\.processor\.(to_q|to_k|to_v)_lora$", r".\1", path)
             read.add(re.sub(r"\.processor\.to_out_lora$", ".to_out.0", path))
     assert read == set(linear_paths)
+
+
+def test_a_familys_method_settings_change_only_what_they_name_and_are_checked_as_train_sections(tmp_path):
+    from sdpipe.config.sdxl import family_view
+
+    data = {
+        "base": {"datasets": ["star"], "extra_families": ["sdxl"]},
+        "train": {"methods": ["dreambooth"], "dreambooth": {"datasets": ["star"], "class_images": {"num_images": 8}}},
+        "sdxl": {"methods": ["dreambooth"], "train": {"dreambooth": {"max_steps": 9, "class_images": {"steps": 3}}}},
+    }
+    view = family_view(parse_params(data), "sdxl")
+    class_images = view.train.dreambooth.class_images
+    assert (view.train.dreambooth.max_steps, class_images.steps, class_images.num_images) == (9, 3, 8)
+
+    for changes, problem in [
+        ({"max_step": 9}, "sdxl.train.dreambooth.max_step: unknown key"),
+        ({"max_steps": True}, "sdxl.train.dreambooth.max_steps: expected a number, got a boolean"),
+        ({"datasets": ["nope"]}, "sdxl.train.dreambooth.datasets: nope not in base.datasets"),
+        ({"learning_rate": "fast"}, "sdxl.train.dreambooth.learning_rate: Input should be a valid number"),
+    ]:
+        data["sdxl"]["train"] = {"dreambooth": changes}
+        with pytest.raises(ParamsError, match=re.escape(problem)):
+            parse_params(data)
+    data["sdxl"]["train"] = {"hypernetwork": {"max_steps": 9}}  # not a method that trains SDXL
+    with pytest.raises(ParamsError, match=r"sdxl\.train\.hypernetwork"):
+        parse_params(data)
+
+
+def test_sdxl_lora_conversion_without_config_uses_sdxl_base_1_0s_layer_paths(tmp_path):
+    """A kohya SDXL LoRA of the real architecture converts to diffusers/PEFT and back without --config (SDXL base
+    1.0's layer paths, built on the meta device); a layer SDXL lacks is refused by name."""
+    from safetensors.torch import save_file
+
+    from sdpipe.formats.kohya import load_kohya_lora
+
+    layers = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k": "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+        "lora_unet_output_blocks_8_0_skip_connection": "unet.up_blocks.2.resnets.2.conv_shortcut",
+        "lora_unet_middle_block_1_proj_in": "unet.mid_block.attentions.0.proj_in",
+        "lora_te1_text_model_encoder_layers_11_mlp_fc1": "text_encoder.text_model.encoder.layers.11.mlp.fc1",
+        "lora_te2_text_model_encoder_layers_31_self_attn_out_proj": "text_encoder_2.text_model.encoder.layers.31.self_attn.out_proj",
+    }
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name in layers:
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, 8, generator=generator)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(8, 4, generator=generator)
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, tmp_path / "xl.safetensors")
+    convert_model(tmp_path / "xl.safetensors", tmp_path / "peft.safetensors")
+    peft_tensors, _ = load_kohya_lora(tmp_path / "peft.safetensors")
+    assert {key.removesuffix(".lora_A.weight") for key in peft_tensors if key.endswith("lora_A.weight")} == set(layers.values())
+    convert_model(tmp_path / "peft.safetensors", tmp_path / "back.safetensors")
+    back, _ = load_kohya_lora(tmp_path / "back.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[key], tensors[key]) for key in tensors)
+
+    save_file({**tensors, "lora_unet_input_blocks_9_1_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": torch.zeros(8, 4)}, tmp_path / "odd.safetensors")
+    with pytest.raises(SdpipeError, match="lora_unet_input_blocks_9_1_proj_in"):
+        convert_model(tmp_path / "odd.safetensors", tmp_path / "odd_peft.safetensors")
+    assert not (tmp_path / "odd_peft.safetensors").exists()
+
+
+def test_an_extra_familys_rows_are_scored_by_the_main_bases_clip(tmp_path):
+    from sdpipe.config.sdxl import family_view
+
+    (tmp_path / "base" / "clip").mkdir(parents=True)
+    (tmp_path / "base" / "clip" / "config.json").write_text("{}")
+    data = {"base": {"base_model": str(tmp_path / "base"), "datasets": ["star"], "extra_families": ["sdxl"]}}
+    assert family_view(parse_params(data), "sdxl").evaluate.clip_model == str(tmp_path / "base" / "clip")
+    data["evaluate"] = {"clip_model": "my_clip"}
+    assert family_view(parse_params(data), "sdxl").evaluate.clip_model == "my_clip"
+    data = {"base": {"base_model": str(tmp_path / "none"), "datasets": ["star"], "extra_families": ["sdxl"]}}
+    assert family_view(parse_params(data), "sdxl").evaluate.clip_model is None

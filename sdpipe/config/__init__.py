@@ -24,7 +24,7 @@ from sdpipe.config.merge import MergeParams
 from sdpipe.config.paths import PathsParams
 from sdpipe.config.prepare import PrepareParams
 from sdpipe.config.pretrain import PretrainParams, PretrainXLParams
-from sdpipe.config.sdxl import SdxlParams
+from sdpipe.config.sdxl import SdxlParams, family_settings
 from sdpipe.config.section import Section
 from sdpipe.config.train import TrainParams
 
@@ -124,14 +124,26 @@ def cross_section_problems(params: Params) -> list[str]:
     listed = ", ".join(datasets)
     problems = [f"base.datasets: {name} is listed twice" for name in sorted(set(datasets)) if datasets.count(name) > 1]
     extra_methods = params.sdxl.methods if "sdxl" in params.base.extra_families else []
+    chosen_datasets = {}  # the YAML path of each `datasets` setting a trained method uses -> its value
     for method in dict.fromkeys([*params.train.methods, *extra_methods]):
-        chosen = getattr(getattr(params.train, method), "datasets", None)  # None: all of base.datasets
+        chosen_datasets[f"train.{method}.datasets"] = getattr(getattr(params.train, method), "datasets", None)
+    for family in params.base.extra_families:
+        for method, changes in getattr(params, family).train.items():
+            try:
+                settings = family_settings(params, family, method)
+            except ValidationError as error:
+                problems += [f"{family}.train.{method}.{line}" for line in format_validation_error(error)]
+                continue
+            problems += booleans_for_numbers(type(settings), changes, f"{family}.train.{method}.")
+            if "datasets" in changes:
+                chosen_datasets[f"{family}.train.{method}.datasets"] = settings.datasets
+    for key, chosen in chosen_datasets.items():  # None: all of base.datasets
         if chosen is not None and not chosen:
-            problems.append(f"train.{method}.datasets: empty; list datasets of base.datasets, or null for all of them")
+            problems.append(f"{key}: empty; list datasets of base.datasets, or null for all of them")
         unknown = [name for name in chosen or [] if name not in datasets]
         if unknown:
             problems.append(
-                f"train.{method}.datasets: {', '.join(unknown)} not in base.datasets ({listed}); only the datasets "
+                f"{key}: {', '.join(unknown)} not in base.datasets ({listed}); only the datasets "
                 "of base.datasets are prepared, captioned and encoded"
             )
     return problems

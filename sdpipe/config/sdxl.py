@@ -7,7 +7,7 @@ main ones on a view of the params (`family_view`): this base, these methods, out
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -25,14 +25,43 @@ class SdxlParams(Section):
     """For a single-file checkpoint: a local SDXL diffusers folder describing its architecture."""
 
     methods: list[Literal[SDXL_METHODS]] = Field(default_factory=lambda: list(SDXL_METHODS))  # type: ignore[valid-type]
-    """The methods trained (and scored) on it, with the settings of their `train.<method>` sections: those that train
-    SDXL so far."""
+    """The methods trained (and scored) on it, with the settings of their `train.<method>` sections (changed by
+    `train` below): those that train SDXL so far."""
+
+    train: dict[Literal[SDXL_METHODS], dict[str, Any]] = Field(default_factory=dict)  # type: ignore[valid-type]
+    """Settings of `train.<method>` that differ on this base, by method (`lora: {max_steps: 1000}`); every other
+    setting is `train.<method>`'s. Checked as `train.<method>` is."""
+
+
+def family_train(params, family: str):
+    """`params.train` as an extra family's stages see it: its methods, each with `family_settings`."""
+    section = getattr(params, family)
+    updates = {method: family_settings(params, family, method) for method in section.train}
+    return params.train.model_copy(update={"methods": list(section.methods), **updates})
+
+
+def family_settings(params, family: str, method: str):
+    """`train.<method>` with the family's changes (`<family>.train.<method>`) merged in and validated (a
+    `pydantic.ValidationError` located in the changes)."""
+    settings = getattr(params.train, method)
+    changes = getattr(params, family).train.get(method, {})
+    return type(settings).model_validate(merged(settings.model_dump(), changes))
+
+
+def merged(settings: dict, changes: dict) -> dict:
+    """`settings` with `changes` laid over it; a nested section (`class_images`) is changed key by key."""
+    result = dict(settings)
+    for key, value in changes.items():
+        both_sections = isinstance(value, dict) and isinstance(settings.get(key), dict)
+        result[key] = merged(settings[key], value) if both_sections else value
+    return result
 
 
 def family_view(params, family: str):
     """The params as the stages of an extra family see them: that family's base model and methods, no merges, and
     its latents, class images and trained models under `<paths.families>/<family>/` (its evaluation rows go to
-    `<paths.eval>/models/<family>-<model>/`, beside the main ones)."""
+    `<paths.eval>/models/<family>-<model>/`, beside the main ones, scored by the main base's CLIP unless
+    `evaluate.clip_model` names one)."""
     section = getattr(params, family)
     root = Path(params.paths.families) / family
     paths = params.paths.model_copy(
@@ -44,8 +73,13 @@ def family_view(params, family: str):
         }
     )
     base = params.base.model_copy(update={"base_model": section.base_model, "base_model_config": section.base_model_config})
-    train = params.train.model_copy(update={"methods": list(section.methods)})
+    train = family_train(params, family)
     merge = params.merge.model_copy(update={"recipes": {}})  # merges of other families: not yet (issue #22)
-    return params.model_copy(update={"paths": paths, "base": base, "train": train, "merge": merge})
+    evaluate = params.evaluate
+    main_clip = Path(params.base.base_model) / "clip"
+    if evaluate.clip_model is None and (main_clip / "config.json").is_file():
+        # the CLIP beside the main base scores this family's rows too, so that the families' CLIP metrics compare
+        evaluate = evaluate.model_copy(update={"clip_model": str(main_clip)})
+    return params.model_copy(update={"paths": paths, "base": base, "train": train, "merge": merge, "evaluate": evaluate})
 
 

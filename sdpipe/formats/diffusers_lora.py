@@ -144,28 +144,61 @@ def with_text_model_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch
     return renamed
 
 
-def model_module_paths(folder: str | Path) -> dict[str, dict[str, str]]:
-    """{component: {kohya name: module path}} of the UNet and text encoder of a diffusers folder.
+def model_module_paths(folder: str | Path | None, sdxl: bool = False) -> dict[str, dict[str, str]]:
+    """{component: {kohya name: module path}} of the UNet and text encoder(s) of a diffusers folder, or with no
+    folder of SDXL base 1.0's architecture (`sdxl`).
 
     The models are built from their configs on the meta device: no weights are read.
     """
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = Path(folder)
-    missing = [name for name in ("unet", "text_encoder") if not (folder / name / "config.json").is_file()]
-    if missing:
-        raise SdpipeError(
-            f"--config {folder}: not a diffusers folder (no {', '.join(f'{m}/config.json' for m in missing)})"
-        )
+    if folder is None:
+        from sdpipe.models.sdxl_configs import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET
+
+        unet_config, text_configs = SDXL_UNET, {"text_encoder": SDXL_TEXT, "text_encoder_2": SDXL_TEXT_2}
+        text_configs = {name: CLIPTextConfig(**config) for name, config in text_configs.items()}
+    else:
+        folder = Path(folder)
+        missing = [name for name in ("unet", "text_encoder") if not (folder / name / "config.json").is_file()]
+        if missing:
+            raise SdpipeError(
+                f"--config {folder}: not a diffusers folder (no {', '.join(f'{m}/config.json' for m in missing)})"
+            )
+        unet_config = UNet2DConditionModel.load_config(folder / "unet")
+        text_configs = {
+            name: CLIPTextConfig.from_pretrained(folder / name)
+            for name in ("text_encoder", "text_encoder_2")
+            if (folder / name / "config.json").is_file()
+        }
+    text_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    return {
-        "unet": kohya.model_kohya_names(unet, "unet"),
-        "text_encoder": kohya.model_kohya_names(text_encoder, "text_encoder"),
-    }
+        models = {"unet": UNet2DConditionModel.from_config(unet_config)}
+        models.update({name: text_classes[name](config) for name, config in text_configs.items()})
+    paths = {name: kohya.model_kohya_names(model, name) for name, model in models.items()}
+    if sdxl or "text_encoder_2" in models:
+        # kohya's SDXL files name the UNet's layers by their original module paths (`kohya.sdxl_unet_names`)
+        sdxl_names = kohya.sdxl_unet_names(paths["unet"].values(), models["unet"].config)
+        paths["unet"] = {sdxl_names[name]: path for name, path in paths["unet"].items()}
+        first = kohya.PREFIXES["text_encoder"]
+        paths["text_encoder"] = {
+            kohya.SDXL_TEXT_ENCODER_PREFIX + name.removeprefix(first): path for name, path in paths["text_encoder"].items()
+        }
+    return paths
+
+
+def is_sdxl_kohya(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a kohya LoRA's names are SDXL's: `lora_te1_`/`lora_te2_`, or the UNet's original module paths."""
+    return any(re.match(r"lora_(te1|te2|unet_(input_blocks|middle_block|output_blocks))_", key) for key in tensors)
+
+
+def is_sdxl_diffusers(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a diffusers LoRA is for SDXL: a second text encoder, the UNet's added (text-time) embedding, or a
+    transformer block deeper than the first (SD 1.x/2.x have one per attention)."""
+    return any(
+        key.startswith(("text_encoder_2.", "unet.add_embedding.")) or ".transformer_blocks.1." in key for key in tensors
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,6 +220,8 @@ def kohya_to_diffusers(
     converted: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, tuple[int, float]]] = {}  # component → {module path: (rank, alpha)}
     unknown = []
+    if module_paths is None and is_sdxl_kohya(tensors):
+        module_paths = model_module_paths(None, sdxl=True)  # SDXL's UNet names cannot be guessed
     for name, parts in sorted(kohya.group_by_layer(tensors).items()):
         check_plain_lora(name, parts)
         component, short_name = split_kohya_name(name)
@@ -207,8 +242,8 @@ def kohya_to_diffusers(
         layers.setdefault(component, {})[path.removeprefix(kohya.TEXT_MODEL + ".")] = (rank, alpha)
     if unknown:
         raise SdpipeError(
-            f"{len(unknown)} LoRA layer(s) match no layer of the --config model: {', '.join(unknown[:3])}"
-            f"{', ...' if len(unknown) > 3 else ''} (a LoRA for another architecture?)"
+            f"{len(unknown)} LoRA layer(s) match no layer of the --config model (SDXL base 1.0's without --config): "
+            f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''} (a LoRA for another architecture?)"
         )
     config = {}
     for component, component_layers in layers.items():
@@ -279,23 +314,35 @@ def split_diffusers_key(key: str) -> tuple[str, str, str]:
 
 
 def diffusers_to_kohya(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], config: str | Path | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The kohya tensors and metadata of a diffusers/PEFT LoRA file's tensors and metadata.
 
     Each layer's alpha is its `.alpha` tensor when the file has one, else the one that gives the scale of its
     peft config in `lora_adapter_metadata` (alpha / r = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA),
-    else r (scale 1, diffusers' default).
+    else r (scale 1, diffusers' default). An SDXL LoRA (`is_sdxl_diffusers`) gets kohya's SDXL names, the UNet's
+    original module paths looked up in the architecture of `config` (a diffusers folder; SDXL base 1.0's without).
     """
     configs = adapter_configs(metadata)
+    sdxl_names = None
+    if is_sdxl_diffusers(tensors) or (config is not None and (Path(config) / "text_encoder_2").is_dir()):
+        sdxl_names = {path: name for name, path in model_module_paths(config, sdxl=True)["unet"].items()}
     layers: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         component, path, part = split_diffusers_key(key)
         layers.setdefault((component, path), {})[part] = tensor
     converted: dict[str, torch.Tensor] = {}
     ranks, alphas = [], []
+    unknown = []
     for (component, path), parts in sorted(layers.items()):
         name = kohya.kohya_name(component, path)
+        if sdxl_names is not None and component == "unet":
+            if path not in sdxl_names:
+                unknown.append(f"unet.{path}")
+                continue
+            name = sdxl_names[path]
+        elif sdxl_names is not None and component == "text_encoder":
+            name = kohya.SDXL_TEXT_ENCODER_PREFIX + name.removeprefix(kohya.PREFIXES["text_encoder"])
         if {"lora_down.weight", "lora_up.weight"} - set(parts):
             raise SdpipeError(
                 f"{component}.{path}: has only {', '.join(sorted(parts))}; lora_A and lora_B are both needed"
@@ -315,7 +362,14 @@ def diffusers_to_kohya(
         converted[f"{name}.alpha"] = alpha
         ranks.append(rank)
         alphas.append(alpha.item())
+    if unknown:
+        raise SdpipeError(
+            f"{len(unknown)} SDXL LoRA layer(s) match no layer of the --config model (SDXL base 1.0's without "
+            f"--config): {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"
+        )
     new_metadata = {key: value for key, value in metadata.items() if key not in (METADATA_KEY, "format")}
+    if sdxl_names is not None:
+        new_metadata.setdefault("ss_base_model_version", kohya.SDXL_BASE_MODEL_VERSION)
     if ranks:
         new_metadata.setdefault("ss_network_module", "networks.lora")
         new_metadata.setdefault("ss_network_dim", str(Counter(ranks).most_common(1)[0][0]))

@@ -118,6 +118,8 @@ def component_tensors(tensors: Mapping[str, torch.Tensor], component: str) -> di
 
 SDXL_TEXT_ENCODER_PREFIX = "lora_te1"
 """kohya's SDXL LoRA files call the first text encoder `lora_te1` (the second is `lora_te2`, as for any model)."""
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
+"""kohya's `ss_base_model_version` of SDXL LoRAs."""
 
 
 def sdxl_unet_names(unet_paths: Iterable[str], unet_config: Mapping) -> dict[str, str]:

@@ -48,8 +48,9 @@ from sdpipe.config.train import LoraParams
 from sdpipe.data.captions import load_captions, split_tags
 from sdpipe.errors import SdpipeError
 from sdpipe.formats.diffusers_lora import with_text_model_keys
-from sdpipe.families import SDXL
+from sdpipe.families import SDXL, pipeline_family
 from sdpipe.formats.kohya import (
+    SDXL_BASE_MODEL_VERSION,
     from_sdxl_names,
     load_kohya_lora,
     merge_lora,
@@ -60,7 +61,7 @@ from sdpipe.formats.kohya import (
     to_sdxl_names,
 )
 from sdpipe.io import save_safetensors, source_date_epoch
-from sdpipe.models.loading import load_pipeline, model_family, model_fingerprint, resolve_device, resolve_dtype
+from sdpipe.models.loading import load_pipeline, model_fingerprint, resolve_device, resolve_dtype
 from sdpipe.training import Models, TrainingMethod, run_training
 from sdpipe.training.data import PriorPreservation
 from sdpipe.training.datasets import method_datasets
@@ -108,7 +109,7 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
         pipeline.load_lora_weights(str(model_dir), weight_name=DIFFUSERS_FILE)
     else:
         tensors, _ = load_kohya_lora(model_dir / LORA_FILE)
-        family = model_family(params.base.base_model, params.base.base_model_config)
+        family = pipeline_family(pipeline)
         if family is SDXL:
             tensors = from_sdxl_names(tensors, sdxl_unet_names(model_kohya_names(pipeline.unet, "unet").values(), pipeline.unet.config))
         for name in ("unet", *family.text_encoders):
@@ -186,7 +187,7 @@ class Lora(TrainingMethod):
         # SD 2's OpenCLIP ViT-H is 1024 wide; SD 1's and SDXL's first encoder, CLIP ViT-L, 768
         v2 = not sdxl and models.text_encoder.config.hidden_size == 1024
         v_prediction = models.noise_scheduler.config.prediction_type == "v_prediction"
-        base_version = "sdxl_base_v1-0" if sdxl else ("sd_v2_768_v" if v_prediction else "sd_v2") if v2 else "sd_v1"
+        base_version = SDXL_BASE_MODEL_VERSION if sdxl else ("sd_v2_768_v" if v_prediction else "sd_v2") if v2 else "sd_v1"
         metadata = {
             **self.run_metadata,
             "ss_output_name": Path(LORA_FILE).stem,

@@ -1,13 +1,14 @@
-"""Real-size models with random weights: the architectures of Stable Diffusion 1.5 and 2.x (and the CLIP models their
-users evaluate with), built from their configs, so that benchmarks and tests measure the memory, time and key names
+"""Real-size models with random weights: the architectures of Stable Diffusion 1.5, 2.x and XL (and the CLIP models
+their users evaluate with), built from their configs, so that benchmarks and tests measure the memory, time and key names
 of real checkpoints without downloading any.
 
 `save_random_models(arch, folder)` writes, under `folder`:
 
 - `model/`: a diffusers `StableDiffusionPipeline` folder (SD 1.5: runwayml/stable-diffusion-v1-5's configs; SD 2.x:
-  stabilityai/stable-diffusion-2-1's, v-prediction);
-- `clip/`: a `CLIPModel` of the size the base's text encoder comes from (OpenAI CLIP ViT-L/14 for SD 1.5, OpenCLIP
-  ViT-H/14 for SD 2.x), for aesthetic gradient and evaluate's CLIP metrics;
+  stabilityai/stable-diffusion-2-1's, v-prediction), or for `sdxl` a `StableDiffusionXLPipeline` folder
+  (stabilityai/stable-diffusion-xl-base-1.0's configs: `sdpipe.models.sdxl_configs`);
+- `clip/`: a `CLIPModel` of the size the base's text encoder comes from (OpenAI CLIP ViT-L/14 for SD 1.5 and SDXL,
+  OpenCLIP ViT-H/14 for SD 2.x), for aesthetic gradient and evaluate's CLIP metrics;
 - `variations/` (SD 1.5 only): a `StableDiffusionImageVariationPipeline` (lambdalabs/sd-image-variations-diffusers'
   architecture: the SD 1.5 UNet conditioned on CLIP ViT-L/14 image embeddings), for CLIP inversion.
 
@@ -24,12 +25,21 @@ from diffusers import (
     AutoencoderKL,
     StableDiffusionImageVariationPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+)
 
 from sdpipe.models.saving import save_pipeline
 from sdpipe.models.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
+from sdpipe.models.sdxl_configs import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
 
 SD2_UNET = dict(
     SD15_UNET,
@@ -60,6 +70,7 @@ ARCHITECTURES = {
     # name: (UNet, text encoder, CLIP text tower, CLIP vision tower, scheduler prediction type)
     "sd15": (SD15_UNET, SD15_TEXT, SD15_TEXT, CLIP_L_VISION, "epsilon"),
     "sd2": (SD2_UNET, SD2_TEXT, dict(SD2_TEXT, num_hidden_layers=24, projection_dim=1024), CLIP_H_VISION, "v_prediction"),
+    "sdxl": (SDXL_UNET, SDXL_TEXT, SD15_TEXT, CLIP_L_VISION, "epsilon"),
 }
 
 
@@ -87,18 +98,37 @@ def save_random_models(
     }
     scheduler = sample_scheduler()
     scheduler.register_to_config(prediction_type=prediction_type)
-    pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**{**text_config, **token_ids})),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**unet_config),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    save_pipeline(pipeline.to(dtype), paths["model"])
-    vae, unet = pipeline.vae, pipeline.unet
+    # each model in `dtype` as soon as it is built: SDXL's in fp32 together would take 14 GB
+    vae = AutoencoderKL(**(SDXL_VAE if arch == "sdxl" else SD15_VAE)).to(dtype)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**text_config, **token_ids})).to(dtype)
+    unet = UNet2DConditionModel(**unet_config).to(dtype)
+    if arch == "sdxl":
+        tokenizer_2 = build_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
+        tokenizer_2.model_max_length = 77
+        text_config_2 = {**SDXL_TEXT_2, **token_ids, "pad_token_id": tokenizer_2.pad_token_id}
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2)).to(dtype),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    save_pipeline(pipeline, paths["model"])
     del pipeline
     if not extras:
         return {"model": paths["model"]}
