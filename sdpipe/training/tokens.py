@@ -7,6 +7,7 @@ modifier tokens beside its attention weights (`TokenRowsTraining`, `add_tokens`,
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -15,40 +16,54 @@ from sdpipe.errors import SdpipeError
 from sdpipe.training.method import Models, TrainingMethod
 
 
+@dataclass
+class TokenRows:
+    """The trained rows of one text encoder's token embeddings."""
+
+    embeddings: torch.nn.Parameter
+    """The whole matrix (a trained parameter: rows cannot be one)."""
+    token_ids: list[int]
+    """The rows that train."""
+    original: torch.Tensor
+    """The matrix before training, whose other rows are put back after each step."""
+    frozen: torch.Tensor
+    """True for every row but `token_ids`."""
+
+
 class TokenRowsTraining:
     """For methods that train new rows of the text encoders' token embeddings: only those rows change. The whole
-    matrix is a trained parameter (rows cannot be one), so after each optimizer step the other rows are put back
-    (AdamW's weight decay would otherwise move them). `embeddings`, `token_ids` and `original_embeddings` are the
-    first text encoder's; a family with two (SDXL) has rows in each."""
+    matrix is a trained parameter, so after each optimizer step the other rows are put back (AdamW's weight decay
+    would otherwise move them). `embeddings`, `token_ids` and `original_embeddings` are the first text encoder's; a
+    family with two (SDXL) has rows in each (`token_rows`)."""
 
     def train_token_rows(self, text_encoder: torch.nn.Module, token_ids: list[int]) -> None:
         """Trains the rows `token_ids` of `text_encoder`'s token embeddings (called once per text encoder)."""
         embeddings = text_encoder.get_input_embeddings().weight
         embeddings.requires_grad_(True)
-        frozen_rows = torch.ones(len(embeddings), dtype=torch.bool)
-        frozen_rows[token_ids] = False
-        rows = [embeddings, token_ids, embeddings.detach().clone(), frozen_rows]
-        self.token_rows = [*getattr(self, "token_rows", []), rows]
+        frozen = torch.ones(len(embeddings), dtype=torch.bool)
+        frozen[token_ids] = False
+        rows = TokenRows(embeddings, token_ids, embeddings.detach().clone(), frozen)
+        self.token_rows: list[TokenRows] = [*getattr(self, "token_rows", []), rows]
 
     @property
     def embeddings(self) -> torch.nn.Parameter:
-        return self.token_rows[0][0]
+        return self.token_rows[0].embeddings
 
     @property
     def token_ids(self) -> list[int]:
-        return self.token_rows[0][1]
+        return self.token_rows[0].token_ids
 
     @property
     def original_embeddings(self) -> torch.Tensor:
-        return self.token_rows[0][2]
+        return self.token_rows[0].original
 
     def after_optimizer_step(self, models: Models) -> None:
         with torch.no_grad():
             for rows in self.token_rows:
-                embeddings, _, original, frozen = rows
-                if original.device != embeddings.device:
-                    rows[2:] = original, frozen = original.to(embeddings.device), frozen.to(embeddings.device)
-                embeddings[frozen] = original[frozen]
+                if rows.original.device != rows.embeddings.device:
+                    rows.original = rows.original.to(rows.embeddings.device)
+                    rows.frozen = rows.frozen.to(rows.embeddings.device)
+                rows.embeddings[rows.frozen] = rows.original[rows.frozen]
 
 
 class PlaceholderTokenTraining(TokenRowsTraining, TrainingMethod):
@@ -81,7 +96,7 @@ class PlaceholderTokenTraining(TokenRowsTraining, TrainingMethod):
             self.train_token_rows(text_encoder, token_ids)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [embeddings for embeddings, *_ in self.token_rows]
+        return [rows.embeddings for rows in self.token_rows]
 
     def caption(self, caption: str) -> str:
         """`a small sks shape` → `a small <sks> shape` (`<sks> <sks>_1` with 2 vectors); `a star` → `<sks> a star`."""
@@ -94,8 +109,8 @@ class PlaceholderTokenTraining(TokenRowsTraining, TrainingMethod):
 
     def learned_vectors(self, encoder: int = 0) -> torch.Tensor:
         """The learned embeddings of text encoder `encoder`, [number of tokens, hidden], fp32 on the CPU."""
-        embeddings, token_ids, *_ = self.token_rows[encoder]
-        return embeddings.detach()[token_ids].float().cpu().contiguous()
+        rows = self.token_rows[encoder]
+        return rows.embeddings.detach()[rows.token_ids].float().cpu().contiguous()
 
 
 def add_tokens(
