@@ -18,7 +18,10 @@ thing fits a 24 GB machine.
 
 SDXL runs the methods that train SDXL so far (no merge or export yet: issue #22) from a checkpoint saved in fp16
 with `--dtype fp16` (training computes in fp32 on the CPU), and checks that the LoRA's names are kohya's names of SDXL
-base 1.0's layers.
+base 1.0's layers. Evaluate samples at the model's own size (1024 px for SDXL), which takes a long time on a CPU:
+leave its stages out with `--stages` there. Full-weight SDXL training (DreamBooth, fine-tune) is left out of the
+default SDXL stages: in fp32 with AdamW it needs about 16 bytes per trained parameter (54 GB for the UNet and both
+text encoders), more than a 24 GB machine has.
 
 `--work DIR` keeps the models and the workspace in DIR (built once, reused by later runs with the same DIR);
 without it they go to a temporary folder that is removed at the end (SD 1.5 needs about 15 GB of disk).
@@ -46,7 +49,11 @@ METHODS = {
     "sd15": list(REGISTERED_METHODS),
     # no image-variations model exists for SD 2.x (its unCLIP takes another conditioning): CLIP inversion is SD 1.5's
     "sd2": [name for name in REGISTERED_METHODS if name != "clip_inversion"],
-    "sdxl": [name for name, method in REGISTERED_METHODS.items() if "sdxl" in method.families],
+    "sdxl": [  # full-weight training of SDXL in fp32 with AdamW needs about 54 GB (see above)
+        name
+        for name, method in REGISTERED_METHODS.items()
+        if "sdxl" in method.families and name not in ("dreambooth", "finetune")
+    ],
 }
 MERGE_RECIPES = {
     "dreambooth_finetune": None,  # the default params.yaml's recipe
