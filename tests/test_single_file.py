@@ -108,6 +108,20 @@ def test_fp16_file_from_folder(tiny_sd_dir, tmp_path):
     assert all(torch.equal(original[key].half(), restored[key]) for key in original)
 
 
+def test_a_half_precision_folder_converts_in_its_own_dtype(tiny_sd_dir, tmp_path):
+    """Without `dtype`, an fp16 folder's single file is fp16 too (diffusers alone would load it as fp32: twice the
+    memory and the file's size), tensor for tensor the folder's."""
+    from sdpipe.models.saving import save_pipeline
+
+    save_pipeline(StableDiffusionPipeline.from_pretrained(tiny_sd_dir).to(torch.float16), tmp_path / "half")
+    path = save_single_file(tmp_path / "half", tmp_path / "half.safetensors")
+    state_dict = load_single_file_state_dict(path)
+    assert {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()} == {torch.float16}
+    folder_unet = load_file(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors")
+    restored = load_single_file_pipeline(path, config=tiny_sd_dir, torch_dtype=torch.float16).unet.state_dict()
+    assert all(torch.equal(folder_unet[key], restored[key]) for key in folder_unet)
+
+
 def test_sd15_unet_gets_the_original_key_names():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)

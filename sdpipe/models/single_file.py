@@ -38,6 +38,7 @@ SDXL_CLIP_L_PREFIX = SDXL_PREFIX + "0.transformer."  # CLIP ViT-L, transformers'
 SDXL_OPEN_CLIP_PREFIX = SDXL_PREFIX + "1.model."  # OpenCLIP ViT-bigG, OpenCLIP's layout with its text projection
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # Inside a block, diffusers and the original name some modules differently: {diffusers: original}.
 UNET_RESNET_RENAMES = {
@@ -360,13 +361,27 @@ def load_folder_models(folder: Path) -> tuple[ModelFamily, object, object, list]
     missing = [name for name in needed if not (folder / name / "config.json").is_file()]
     if missing:
         raise SdpipeError(f"diffusers folder {folder}: missing {', '.join(f'{m}/config.json' for m in missing)}")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, use_safetensors=True)
+    # each in the dtype its weights are stored in: diffusers would load fp16 weights as fp32 (twice the memory, and a
+    # single file in fp32 that no one asked for)
+    options = {"local_files_only": True, "use_safetensors": True}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=stored_dtype(folder / "unet"), **options)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=stored_dtype(folder / "vae"), **options)
     text_encoders = [
-        getattr(transformers, class_name).from_pretrained(folder / name, local_files_only=True, use_safetensors=True)
+        getattr(transformers, class_name).from_pretrained(folder / name, dtype=stored_dtype(folder / name), **options)
         for name, class_name in zip(family.text_encoders, family.text_encoder_classes)
     ]
     return family, unet, vae, text_encoders
+
+
+def stored_dtype(component_folder: Path) -> torch.dtype:
+    """The dtype of the floating-point weights in a diffusers component folder's `.safetensors` files."""
+    for path in sorted(component_folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as weights:
+            for key in weights.keys():
+                dtype = SAFETENSORS_DTYPES.get(weights.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    raise SdpipeError(f"{component_folder}: no floating-point weights in a .safetensors file")
 
 
 def load_single_file_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
