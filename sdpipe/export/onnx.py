@@ -97,25 +97,15 @@ class GraphSpec:
     module: nn.Module
     inputs: dict[str, dict[int, str]]
     outputs: dict[str, dict[int, str]]
-    model: nn.Module
-    """The pipeline's model the graph runs (`module` wraps it)."""
 
 
 def graph_specs(pipe) -> dict[str, GraphSpec]:
-    """The graphs to export, the UNet (the largest) last."""
     image_axes = {0: "batch", 2: "height", 3: "width"}
     return {
         "text_encoder": GraphSpec(
             TextEncoderGraph(pipe.text_encoder),
             {"input_ids": {0: "batch", 1: "sequence"}},
             {"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"}},
-            pipe.text_encoder,
-        ),
-        "vae_encoder": GraphSpec(
-            VaeEncoderGraph(pipe.vae), {"sample": image_axes}, {"latent_sample": image_axes}, pipe.vae
-        ),
-        "vae_decoder": GraphSpec(
-            VaeDecoderGraph(pipe.vae), {"latent_sample": image_axes}, {"sample": image_axes}, pipe.vae
         ),
         "unet": GraphSpec(
             UNetGraph(pipe.unet),
@@ -125,8 +115,9 @@ def graph_specs(pipe) -> dict[str, GraphSpec]:
                 "encoder_hidden_states": {0: "batch", 1: "sequence"},
             },
             {"out_sample": image_axes},
-            pipe.unet,
         ),
+        "vae_encoder": GraphSpec(VaeEncoderGraph(pipe.vae), {"sample": image_axes}, {"latent_sample": image_axes}),
+        "vae_decoder": GraphSpec(VaeDecoderGraph(pipe.vae), {"latent_sample": image_axes}, {"sample": image_axes}),
     }
 
 
@@ -166,9 +157,9 @@ def export_onnx(
     """Exports `pipe` (a diffusers `StableDiffusionPipeline`) to `out_dir` and returns the parity report.
 
     Every PyTorch output the checks compare with (each component's on the parity inputs, the end-to-end image) is
-    computed first; then the components are exported one by one, and with `release_weights` (the export stage's) each
-    model's weights are freed as soon as its graphs are written (the pipeline is unusable afterwards): the exporter's
-    copy of one model's weights is the only second copy ever in memory, and onnxruntime loads the graphs after all. Raises `SdpipeError` (and writes nothing) when a component or the end-to-end image is out of
+    computed first; then, with `release_weights` (the export stage's), the pipeline's weights are freed (it is unusable
+    afterwards) before onnxruntime loads the exported graphs, so that the two copies of the model are never in memory
+    together. Raises `SdpipeError` (and writes nothing) when a component or the end-to-end image is out of
     `settings.tolerance`.
     """
     providers = execution_providers()
@@ -198,20 +189,18 @@ def export_onnx(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         scratch = tmp.parent / "raw"  # the torch exports before rewriting; atomic_path removes it with its temp folder
-        specs = graph_specs(pipe)
-        cases = {component: parity_cases(pipe, component, spec, seed) for component, spec in specs.items()}
+        fused, cases = {}, {}
+        for component, spec in graph_specs(pipe).items():
+            log(f"export: {component}")
+            fused[component] = export_component(pipe, component, spec, tmp / component, scratch, settings, seed)
+            cases[component] = parity_cases(pipe, component, spec, seed)
+        write_pipeline_files(pipe, tmp)
         torch_image = None
         if settings.check_steps:
             torch_image = torch_generate(pipe, settings.check_prompt, seed=seed, steps=settings.check_steps)
-        write_pipeline_files(pipe, tmp)
-        fused = {}
-        for index, (component, spec) in enumerate(specs.items()):
-            log(f"export: {component}")
-            fused[component] = export_component(pipe, component, spec, tmp / component, scratch, settings, seed)
-            if release_weights and all(later.model is not spec.model for later in list(specs.values())[index + 1 :]):
-                # frees the weights (the caller's pipeline is unusable from here on): the exporter's copy of the
-                # next graph's weights is then the only other copy in memory
-                spec.model.to("meta")
+        if release_weights:
+            for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+                module.to("meta")  # frees the weights: the caller's pipeline is unusable from here on
         for component, component_cases in cases.items():
             result = check_component(tmp / component / "model.onnx", component_cases, providers)
             result["fused_operators"] = fused[component]
@@ -258,7 +247,8 @@ def export_component(
             if settings.precision == "fp16":
                 model = convert_to_fp16(model)
         save_onnx(model, folder / "model.onnx", always_external=settings.external_data == "always")
-    (folder / "config.json").write_text(json.dumps(config_dict(spec.model), indent=2, sort_keys=True) + "\n")
+    module = pipe.text_encoder if component == "text_encoder" else pipe.unet if component == "unet" else pipe.vae
+    (folder / "config.json").write_text(json.dumps(config_dict(module), indent=2, sort_keys=True) + "\n")
     return fused
 
 
