@@ -157,7 +157,22 @@ def single_file_to_diffusers(src: Path, dst: Path, config: str | Path | None) ->
             f"{src}: a single file does not say its architecture (SD 1.5 and a fine-tune of another size have the "
             "same keys); pass --config <a local diffusers folder of the same architecture>, e.g. the base model folder"
         )
-    pipeline = load_single_file_pipeline(src, config)
+    # in the file's own dtype: diffusers would load an fp16 file as fp32, twice the memory and an fp32 folder
+    pipeline = load_single_file_pipeline(src, config, torch_dtype=stored_dtype(src))
     with atomic_path(dst) as tmp:
         save_pipeline(pipeline, tmp)
     return f"{src} → {dst}: diffusers folder (architecture from {config})"
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype most of a `.safetensors` file's floating-point tensors are stored in."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    from sdpipe.models.single_file import SAFETENSORS_DTYPES
+
+    with safe_open(path, "pt") as weights:
+        dtypes = Counter(SAFETENSORS_DTYPES.get(weights.get_slice(key).get_dtype()) for key in weights.keys())
+    dtypes.pop(None, None)
+    return dtypes.most_common(1)[0][0] if dtypes else torch.float32

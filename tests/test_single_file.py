@@ -121,6 +121,12 @@ def test_a_half_precision_folder_converts_in_its_own_dtype(tiny_sd_dir, tmp_path
     restored = load_single_file_pipeline(path, config=tiny_sd_dir, torch_dtype=torch.float16).unet.state_dict()
     assert all(torch.equal(folder_unet[key], restored[key]) for key in folder_unet)
 
+    from sdpipe.conversion import convert_model
+
+    convert_model(path, tmp_path / "back", config=tiny_sd_dir)  # and back to a folder: fp16 still, the same tensors
+    back_unet = load_file(tmp_path / "back" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(back_unet[key].dtype == torch.float16 and torch.equal(folder_unet[key], back_unet[key]) for key in folder_unet)
+
 
 def test_sd15_unet_gets_the_original_key_names():
     with torch.device("meta"):
