@@ -158,13 +158,13 @@ def single_file_to_diffusers(src: Path, dst: Path, config: str | Path | None) ->
             "same keys); pass --config <a local diffusers folder of the same architecture>, e.g. the base model folder"
         )
     # in the file's own dtype: diffusers would load an fp16 file as fp32, twice the memory and an fp32 folder
-    pipeline = load_single_file_pipeline(src, config, torch_dtype=stored_dtype(src))
+    pipeline = load_single_file_pipeline(src, config, torch_dtype=single_file_dtype(src))
     with atomic_path(dst) as tmp:
         save_pipeline(pipeline, tmp)
     return f"{src} → {dst}: diffusers folder (architecture from {config})"
 
 
-def stored_dtype(path: Path) -> torch.dtype:
+def single_file_dtype(path: Path) -> torch.dtype:
     """The dtype most of a `.safetensors` file's floating-point tensors are stored in."""
     from collections import Counter
 
