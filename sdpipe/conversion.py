@@ -71,7 +71,8 @@ def convert_model(
 ) -> str:
     """Converts `src` into `dst` in the format `to` (default: the usual one for `src`'s format); returns a one-line
     summary. `config` is a diffusers folder: the architecture of a single file (`--to diffusers`, required) or
-    exact layer names for kohya ↔ peft (an SDXL LoRA's original block names). `dtype` (fp32/fp16/bf16) casts a `--to single-file` checkpoint.
+    exact layer names for kohya ↔ peft (an SDXL LoRA's original block names). `dtype` (fp32/fp16/bf16) casts a
+    `--to single-file` checkpoint.
 
     Raises `SdpipeError` when the conversion is not possible; `dst` is then left as it was.
     """
@@ -150,7 +151,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 def single_file_to_diffusers(src: Path, dst: Path, config: str | Path | None) -> str:
     """An original-layout single file as a diffusers folder, its architecture from `config` (a diffusers folder)."""
     from sdpipe.models.saving import save_pipeline
-    from sdpipe.models.single_file import load_single_file_pipeline
+    from sdpipe.models.single_file import load_single_file_pipeline, stored_dtype
 
     if config is None:
         raise SdpipeError(
@@ -158,21 +159,8 @@ def single_file_to_diffusers(src: Path, dst: Path, config: str | Path | None) ->
             "same keys); pass --config <a local diffusers folder of the same architecture>, e.g. the base model folder"
         )
     # in the file's own dtype: diffusers would load an fp16 file as fp32, twice the memory and an fp32 folder
-    pipeline = load_single_file_pipeline(src, config, torch_dtype=single_file_dtype(src))
+    pipeline = load_single_file_pipeline(src, config, torch_dtype=stored_dtype([src]) or torch.float32)
     with atomic_path(dst) as tmp:
         save_pipeline(pipeline, tmp)
     return f"{src} → {dst}: diffusers folder (architecture from {config})"
 
-
-def single_file_dtype(path: Path) -> torch.dtype:
-    """The dtype most of a `.safetensors` file's floating-point tensors are stored in."""
-    from collections import Counter
-
-    from safetensors import safe_open
-
-    from sdpipe.models.single_file import SAFETENSORS_DTYPES
-
-    with safe_open(path, "pt") as weights:
-        dtypes = Counter(SAFETENSORS_DTYPES.get(weights.get_slice(key).get_dtype()) for key in weights.keys())
-    dtypes.pop(None, None)
-    return dtypes.most_common(1)[0][0] if dtypes else torch.float32

@@ -18,6 +18,7 @@ architecture (diffusers would guess SD 1.5 and fetch its configs from the Hub), 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -364,24 +365,32 @@ def load_folder_models(folder: Path) -> tuple[ModelFamily, object, object, list]
     # each in the dtype its weights are stored in: diffusers would load fp16 weights as fp32 (twice the memory, and a
     # single file in fp32 that no one asked for)
     options = {"local_files_only": True, "use_safetensors": True}
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=stored_dtype(folder / "unet"), **options)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=stored_dtype(folder / "vae"), **options)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=component_dtype(folder / "unet"), **options)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=component_dtype(folder / "vae"), **options)
     text_encoders = [
-        getattr(transformers, class_name).from_pretrained(folder / name, dtype=stored_dtype(folder / name), **options)
+        getattr(transformers, class_name).from_pretrained(folder / name, dtype=component_dtype(folder / name), **options)
         for name, class_name in zip(family.text_encoders, family.text_encoder_classes)
     ]
     return family, unet, vae, text_encoders
 
 
-def stored_dtype(component_folder: Path) -> torch.dtype:
-    """The dtype of the floating-point weights in a diffusers component folder's `.safetensors` files."""
-    for path in sorted(component_folder.glob("*.safetensors")):
+def stored_dtype(paths: list[Path]) -> torch.dtype | None:
+    """The dtype most floating-point tensors of the `.safetensors` files at `paths` are stored in (None: none).
+    Read from the files' headers only."""
+    dtypes = Counter()
+    for path in paths:
         with safe_open(path, "pt") as weights:
-            for key in weights.keys():
-                dtype = SAFETENSORS_DTYPES.get(weights.get_slice(key).get_dtype())
-                if dtype is not None:
-                    return dtype
-    raise SdpipeError(f"{component_folder}: no floating-point weights in a .safetensors file")
+            dtypes.update(SAFETENSORS_DTYPES.get(weights.get_slice(key).get_dtype()) for key in weights.keys())
+    dtypes.pop(None, None)
+    return dtypes.most_common(1)[0][0] if dtypes else None
+
+
+def component_dtype(component_folder: Path) -> torch.dtype:
+    """The dtype a diffusers component folder's weights are stored in."""
+    dtype = stored_dtype(sorted(component_folder.glob("*.safetensors")))
+    if dtype is None:
+        raise SdpipeError(f"{component_folder}: no floating-point weights in a .safetensors file")
+    return dtype
 
 
 def load_single_file_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
