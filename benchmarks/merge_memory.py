@@ -3,7 +3,8 @@
 `merge` streams tensor by tensor (`sdpipe.merge`), so its peak memory should stay near that of the Python
 process itself, well under one model, where loading both models whole needs three (two inputs and the result).
 This builds two random pipelines of the tiny-world architecture with a wider UNet (so that the weights, not
-torch's own memory, dominate), then measures in fresh subprocesses the peak resident set size (`ru_maxrss`) of:
+torch's own memory, dominate): SD 1.x's (`--arch sd`) or SDXL's (`--arch sdxl`: the tiny SDXL, two text encoders,
+read and written in the SGM layout), then measures in fresh subprocesses the peak resident set size (`ru_maxrss`) of:
 
 - `imports`: torch, diffusers and sdpipe imported, both inputs opened, nothing merged (the floor);
 - `whole models`: both models' state dicts loaded whole with safetensors and averaged (a merge without streaming);
@@ -13,9 +14,10 @@ The merge's own memory is a few tensors at a time (inputs, fp32 temporaries, res
 largest tensor, printed too: on this UNet (few, wide layers) that is a sizeable share of the model; on SD 1.5
 (largest tensor 59 MiB of 4 GiB fp32) a small one.
 
-    python benchmarks/merge_memory.py [--width 256] [--workdir DIR]
+    python benchmarks/merge_memory.py [--arch sd|sdxl] [--width 256] [--workdir DIR]
 
-`--width` is the UNet's first block width (the tiny world's is 64; the UNet's size grows with its square).
+`--width` is the UNet's first block width (the tiny world's is 64, the tiny SDXL's 32; the UNet's size grows with
+its square; SDXL's three levels are width, 2 x width and 4 x width wide).
 """
 
 from __future__ import annotations
@@ -28,35 +30,41 @@ import sys
 import tempfile
 from pathlib import Path
 
-COMPONENT_FILES = (
+SD_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
 )
+COMPONENT_FILES = {"sd": SD_FILES, "sdxl": (*SD_FILES, "text_encoder_2/model.safetensors")}
 
 
-def build_pipeline(folder: Path, seed: int, width: int) -> Path:
-    """A random tiny-world pipeline whose UNet has block widths (width, 2 * width)."""
+def build_pipeline(folder: Path, seed: int, width: int, arch: str) -> Path:
+    """A random tiny-world pipeline whose UNet has block widths (width, 2 * width), or a tiny SDXL one whose UNet
+    has (width, 2 * width, 4 * width)."""
     from diffusers import UNet2DConditionModel
 
-    from sdpipe.tinyworld.models import build_random_pipeline, unet_config
+    from sdpipe.tinyworld.models import build_random_pipeline, build_random_sdxl_pipeline, sdxl_unet_config, unet_config
 
     if (folder / "model_index.json").is_file():
         return folder
-    build_random_pipeline(folder, seed=seed)
-    unet = UNet2DConditionModel(**{**unet_config(), "block_out_channels": (width, 2 * width)})
-    unet.save_pretrained(folder / "unet")
+    if arch == "sdxl":
+        build_random_sdxl_pipeline(folder, seed=seed)
+        config = {**sdxl_unet_config(), "block_out_channels": (width, 2 * width, 4 * width)}
+    else:
+        build_random_pipeline(folder, seed=seed)
+        config = {**unet_config(), "block_out_channels": (width, 2 * width)}
+    UNet2DConditionModel(**config).save_pretrained(folder / "unet")
     return folder
 
 
-def model_size(folder: Path) -> int:
-    return sum((folder / name).stat().st_size for name in COMPONENT_FILES)
+def model_size(folder: Path, arch: str) -> int:
+    return sum((folder / name).stat().st_size for name in COMPONENT_FILES[arch])
 
 
-def largest_tensor(folder: Path) -> int:
+def largest_tensor(folder: Path, arch: str) -> int:
     """Bytes of the model's largest tensor, from the safetensors headers (the parent process stays torch-free)."""
     largest = 0
-    for name in COMPONENT_FILES:
+    for name in COMPONENT_FILES[arch]:
         with (folder / name).open("rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         sizes = [
@@ -73,7 +81,7 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def child(mode: str, first: Path, second: Path, out: Path) -> None:
+def child(mode: str, first: Path, second: Path, out: Path, arch: str) -> None:
     """One measurement, in a fresh process; prints its peak RSS in MiB as JSON."""
     import torch
     from safetensors.torch import load_file
@@ -91,8 +99,8 @@ def child(mode: str, first: Path, second: Path, out: Path) -> None:
     with open_checkpoint(first, "a"), open_checkpoint(second, "b"):
         pass
     if mode == "whole":
-        a = {(name, key): t for name in COMPONENT_FILES for key, t in load_file(first / name).items()}
-        b = {(name, key): t for name in COMPONENT_FILES for key, t in load_file(second / name).items()}
+        a = {(name, key): t for name in COMPONENT_FILES[arch] for key, t in load_file(first / name).items()}
+        b = {(name, key): t for name in COMPONENT_FILES[arch] for key, t in load_file(second / name).items()}
         merged = {key: (a[key] + b[key]) / 2 for key in a}
         assert all(torch.isfinite(tensor).all() for tensor in merged.values())
     elif mode == "merge":
@@ -101,8 +109,8 @@ def child(mode: str, first: Path, second: Path, out: Path) -> None:
     print(json.dumps({"peak_mib": peak_mib()}))
 
 
-def measure(mode: str, first: Path, second: Path, out: Path) -> float:
-    command = [sys.executable, __file__, "--child", mode, str(first), str(second), str(out)]
+def measure(mode: str, first: Path, second: Path, out: Path, arch: str) -> float:
+    command = [sys.executable, __file__, "--arch", arch, "--child", mode, str(first), str(second), str(out)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{result.stderr}")
@@ -111,35 +119,38 @@ def measure(mode: str, first: Path, second: Path, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=256, help="UNet first block width (multiple of 32)")
+    parser.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="the tiny world's SD 1.x or SDXL")
+    parser.add_argument("--width", type=int, default=None, help="UNet first block width (multiple of 32; default: "
+                        "256 for sd, 128 for sdxl)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the models here (default: a temp folder)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--build", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    arch = args.arch
+    width = args.width or (128 if arch == "sdxl" else 256)
     if args.child:
         mode, first, second, out = args.child
-        child(mode, Path(first), Path(second), Path(out))
+        child(mode, Path(first), Path(second), Path(out), arch)
         return
     if args.build:
-        build_pipeline(Path(args.build[0]), int(args.build[1]), args.width)
+        build_pipeline(Path(args.build[0]), int(args.build[1]), width, arch)
         return
 
     with tempfile.TemporaryDirectory() as temp:
         workdir = args.workdir or Path(temp)
         # built in subprocesses too: a child's ru_maxrss starts from the RSS of the parent it was forked from
-        first, second = workdir / f"w{args.width}-seed0", workdir / f"w{args.width}-seed1"
+        first, second = workdir / f"{arch}-w{width}-seed0", workdir / f"{arch}-w{width}-seed1"
         for seed, folder in enumerate((first, second)):
-            command = [sys.executable, __file__, "--width", str(args.width), "--build", str(folder), str(seed)]
-            subprocess.run(command, check=True, capture_output=True)
-        size_mib, tensor_mib = model_size(first) / 2**20, largest_tensor(first) / 2**20
-        floor = measure("imports", first, second, workdir)
-        rows = [("imports", floor), ("whole models", measure("whole", first, second, workdir))]
-        rows.append(("sdpipe merge", measure("merge", first, second, workdir)))
+            command = [sys.executable, __file__, "--arch", arch, "--width", str(width)]
+            subprocess.run([*command, "--build", str(folder), str(seed)], check=True, capture_output=True)
+        size_mib, tensor_mib = model_size(first, arch) / 2**20, largest_tensor(first, arch) / 2**20
+        floor = measure("imports", first, second, workdir, arch)
+        rows = [("imports", floor), ("whole models", measure("whole", first, second, workdir, arch))]
+        rows.append(("sdpipe merge", measure("merge", first, second, workdir, arch)))
 
-    print(
-        f"one model (UNet + VAE + text encoder, fp32): {size_mib:.0f} MiB; UNet width {args.width}; "
-        f"largest tensor {tensor_mib:.1f} MiB"
-    )
+    parts = "UNet + VAE + both text encoders" if arch == "sdxl" else "UNet + VAE + text encoder"
+    print(f"{arch}: one model ({parts}, fp32): {size_mib:.0f} MiB; UNet width {width}; "
+          f"largest tensor {tensor_mib:.1f} MiB")
     print(f"{'run':<14} {'peak RSS MiB':>12} {'above imports':>14} {'x one model':>12}")
     for name, peak in rows:
         above = peak - floor

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from merge_helpers import read_all, run_recipe
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -17,7 +18,7 @@ from sdpipe.io import save_safetensors
 from sdpipe.merge import methods
 from sdpipe.merge.blocks import BLOCK_IDS, BlockWeight, block_of
 from sdpipe.merge.output import SafetensorsWriter
-from sdpipe.merge.recipe import Merger, architecture_folder, merge_recipe, resolve_inputs
+from sdpipe.merge.recipe import Merger
 from sdpipe.merge.sources import open_checkpoint, resolve_source
 from sdpipe.models.loading import file_sha256
 from sdpipe.models.single_file import save_single_file
@@ -318,19 +319,6 @@ def other_sd_dir(tmp_path_factory):
     from sdpipe.tinyworld.models import build_random_pipeline
 
     return build_random_pipeline(tmp_path_factory.mktemp("other_sd") / "pipeline", seed=1)
-
-
-def run_recipe(recipe: dict, base_model, out_dir, name: str = "test"):
-    params = parse_params({"base": {"base_model": str(base_model)}, "merge": {"recipes": {name: recipe}}})
-    recipe = params.merge.recipes[name]
-    inputs = resolve_inputs(recipe, base_model=params.base.base_model, train_dir="unused")
-    config = architecture_folder(recipe, inputs, base_model=params.base.base_model, base_model_config=None)
-    return merge_recipe(recipe, inputs, config_folder=config, out_dir=out_dir / name, seed=params.base.seed)
-
-
-def read_all(path) -> dict[str, torch.Tensor]:
-    with open_checkpoint(path, "k") as checkpoint:
-        return {key: checkpoint.read(key) for key in checkpoint.tensors}
 
 
 def test_weighted_sum_recipe_loads_with_diffusers(tiny_sd_dir, other_sd_dir, tmp_path):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from merge_helpers import read_all, run_recipe
 from safetensors import safe_open
 
 from sdpipe.config import ParamsError, parse_params
@@ -22,10 +23,7 @@ from sdpipe.merge.lora import (
     resize_lora,
     resolve_lora_source,
 )
-from sdpipe.merge.recipe import architecture_folder, merge_recipe, resolve_inputs
-from sdpipe.merge.sources import open_checkpoint
 from sdpipe.models.loading import file_sha256
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
@@ -389,14 +387,6 @@ def test_train_lora_resolves_to_the_trained_kohya_file(tmp_path):
 # --- recipes end to end on the tiny SD pipeline ----------------------------------------------------------
 
 
-def run_recipe(recipe: dict, base_model, out_dir, name: str = "test"):
-    params = parse_params({"base": {"base_model": str(base_model)}, "merge": {"recipes": {name: recipe}}})
-    recipe = params.merge.recipes[name]
-    inputs = resolve_inputs(recipe, base_model=params.base.base_model, train_dir="unused")
-    config = architecture_folder(recipe, inputs, base_model=params.base.base_model, base_model_config=None)
-    return merge_recipe(recipe, inputs, config_folder=config, out_dir=out_dir / name, seed=params.base.seed)
-
-
 # UNet attention, a 3x3 resnet conv, a 1x1 conv, conv_in, the time embedding, and the text encoder
 TINY_LORA_LAYERS = {
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (
@@ -422,11 +412,6 @@ def tiny_lora_layers(weights: dict[str, torch.Tensor]) -> dict[str, str]:
             keys[name] = f"model.diffusion_model.{path}.weight"
         assert keys[name] in weights, keys[name]
     return keys
-
-
-def read_all(path) -> dict[str, torch.Tensor]:
-    with open_checkpoint(path, "k") as checkpoint:
-        return {key: checkpoint.read(key) for key in checkpoint.tensors}
 
 
 def unet_output(pipe) -> torch.Tensor:

@@ -28,11 +28,12 @@ The model-writing methods (all but `lora_extract` and `lora_resize`) write `mode
 
 A model input is `base` (`base.base_model`), `train:<method>` (the whole-model checkpoint a training method wrote to
 `<paths.train>/<method>/model/`: dreambooth, finetune) or the path of a diffusers folder or of an original-layout
-single-file `.safetensors` checkpoint (SD 1.x/2.x). A LoRA input is `train:lora` (`<paths.train>/lora/model/
-lora.safetensors`) or the path of a kohya-format `.safetensors` LoRA. Each method has its own inputs and
-parameters; `alpha` and `beta` are one number or per-block weights (`sdpipe.merge.blocks`: a list of 26 in
-supermerger's order BASE, IN00-IN11, M00, OUT00-OUT11, or a mapping of block ids with BASE), which makes any of
-those methods a block-weighted merge."""
+single-file `.safetensors` checkpoint (SD 1.x/2.x, or SDXL in the SGM layout). A LoRA input is `train:lora`
+(`<paths.train>/lora/model/lora.safetensors`) or the path of a kohya-format `.safetensors` LoRA (SDXL: kohya's SDXL
+names). The inputs of a recipe are of one model family. Each method has its own inputs and parameters; `alpha` and
+`beta` are one number or per-block weights (`sdpipe.merge.blocks`: the inputs' family's list in supermerger's order,
+26 for SD 1.x/2.x: BASE, IN00-IN11, M00, OUT00-OUT11, 20 for SDXL: BASE, IN00-IN08, M00, OUT00-OUT08; or a mapping
+of block ids with BASE), which makes any of those methods a block-weighted merge."""
 
 from __future__ import annotations
 

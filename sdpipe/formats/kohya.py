@@ -140,10 +140,15 @@ def to_sdxl_names(tensors: Mapping[str, torch.Tensor], unet_names: Mapping[str, 
     renamed = {}
     for key, tensor in tensors.items():
         name, part = split_key(key)
-        if name.startswith(PREFIXES["text_encoder"] + "_"):
-            name = SDXL_TEXT_ENCODER_PREFIX + name.removeprefix(PREFIXES["text_encoder"])
-        renamed[f"{unet_names.get(name, name)}.{part}"] = tensor
+        renamed[f"{to_sdxl_name(name, unet_names)}.{part}"] = tensor
     return renamed
+
+
+def to_sdxl_name(name: str, unet_names: Mapping[str, str]) -> str:
+    """One layer's kohya name in kohya's SDXL names (`to_sdxl_names`)."""
+    if name.startswith(PREFIXES["text_encoder"] + "_"):
+        name = SDXL_TEXT_ENCODER_PREFIX + name.removeprefix(PREFIXES["text_encoder"])
+    return unet_names.get(name, name)
 
 
 def from_sdxl_names(tensors: Mapping[str, torch.Tensor], unet_names: Mapping[str, str]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,10 @@
 A kohya LoRA names each layer by its diffusers module path (`sdpipe.formats.kohya`); a merge input names each
 tensor by its original single-file key (`sdpipe.merge.sources`). `model_layers` joins the two through the
 architecture's diffusers models, built on the meta device from their configs: for every linear and conv layer of
-the UNet and the CLIP text encoder, its kohya name, the original key of its weight and the weight's shape.
+the UNet and the text encoders, its kohya name, the original key of its weight and the weight's shape. SD 1.x/2.x
+LoRAs name layers `lora_unet_<diffusers path>`, `lora_te_…`; SDXL's use kohya's SDXL names (`lora_unet_<original
+module path>`, `lora_te1_…`, `lora_te2_…`), and a q, k or v layer of SDXL's second text encoder is a third of
+OpenCLIP's fused `attn.in_proj_weight` in the model.
 
 - `lora_bake` (`LoraBaker`): a merge of one model input, W + Σ strength × ΔW, ΔW being what
   `kohya.delta_weights` makes of each LoRA layer (LoRA/LoCon, LoHa, LoKr, DoRA). The model is read and written
@@ -29,47 +32,57 @@ import torch
 from safetensors import SafetensorError
 
 from sdpipe.errors import SdpipeError
+from sdpipe.families import SD, SDXL, ModelFamily, folder_family
 from sdpipe.formats import kohya
-from sdpipe.merge.output import meta_models
-from sdpipe.merge.sources import COMPONENTS, original_keys
+from sdpipe.merge.output import meta_models, model_placements
+from sdpipe.merge.sources import family_components
 from sdpipe.methods.lora import LORA_FILE
 from sdpipe.progress import track
 
-LORA_COMPONENTS = ("unet", "text_encoder")
-"""The models a kohya LoRA of SD 1.x/2.x adapts (`lora_unet_…`, `lora_te_…`)."""
+SGM_UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+NOT_LORA_LAYERS = {"text_encoder_2": ("text_projection",)}
+"""Linear layers that kohya's LoRA networks do not adapt (only the text encoders' attention and MLP layers)."""
 
 
 @dataclass(frozen=True)
 class ModelLayer:
-    """A linear or conv layer of a model: the original-layout key of its weight, and the weight's shape."""
+    """A linear or conv layer of a model: the original-layout key of its weight, and the weight's shape. In SDXL's
+    OpenCLIP text encoder, q, k and v are the `part`-th of the `parts` thirds of the fused `attn.in_proj_weight`."""
 
     key: str
     shape: tuple[int, ...]
+    part: int = 0
+    parts: int = 1
 
     @property
     def is_spatial_conv(self) -> bool:
         """A conv with a kernel larger than 1x1: kohya's `conv_dim` layers (1x1 convs count as linear)."""
         return any(size > 1 for size in self.shape[2:])
 
+    def weight_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The layer's weight in the tensor at `key`: that tensor, or (a view of) its part."""
+        return tensor.chunk(self.parts)[self.part] if self.parts > 1 else tensor
+
 
 def model_layers(config_folder: Path, key: str) -> dict[str, ModelLayer]:
-    """Kohya name → `ModelLayer` of every linear and conv layer of the UNet and text encoder that the diffusers
-    folder `config_folder` describes; `key` names the params key of the folder in errors."""
+    """Kohya name → `ModelLayer` of every linear and conv layer of the UNet and text encoders that the diffusers
+    folder `config_folder` describes (SDXL: kohya's SDXL names); `key` names the params key of the folder in errors."""
+    family = folder_family(config_folder, key=key)
     models = meta_models(config_folder, key)
+    unet_config = models["unet"].config
     layers = {}
-    for component in LORA_COMPONENTS:
+    for component in ("unet", *family.text_encoders):
         model = models[component]
         paths = kohya.model_kohya_names(model, component)
-        names_by_weight = {f"{path}.weight": name for name, path in paths.items()}
-        try:
-            weights = original_keys(component, list(names_by_weight), models["unet"].config)
-        except SdpipeError as error:
-            raise SdpipeError(f"{key} {config_folder}: {error}") from None
-        prefix = COMPONENTS[component][0]
-        for original, weight in weights.items():
-            name = names_by_weight[weight]
-            shape = tuple(model.get_submodule(paths[name]).weight.shape)
-            layers[name] = ModelLayer(prefix + original, shape)
+        paths = {name: path for name, path in paths.items() if path not in NOT_LORA_LAYERS.get(component, ())}
+        prefix = family_components(family)[component][0]
+        places = model_placements(component, model, prefix, unet_config, f"{key} {config_folder}")
+        if family is SDXL:  # kohya's SDXL names: the UNet's by their original module paths, `lora_te1_`
+            unet_names = kohya.sdxl_unet_names(paths.values(), unet_config) if component == "unet" else {}
+            paths = {kohya.to_sdxl_name(name, unet_names): path for name, path in paths.items()}
+        for name, path in paths.items():
+            place = places[f"{path}.weight"]
+            layers[name] = ModelLayer(place.original, place.shape, place.part, place.parts)
     return layers
 
 
@@ -131,14 +144,24 @@ def load_lora(role: str, source: str, path: Path, key: str) -> LoraFile:
         raise SdpipeError(f"{where}: not a readable .safetensors file: {error}") from None
     if not tensors:
         raise SdpipeError(f"{where}: the file holds no tensors")
-    prefixes = tuple(f"{prefix}_" for prefix in kohya.PREFIXES.values())
+    prefixes = tuple(f"{prefix}_" for prefix in (*kohya.PREFIXES.values(), kohya.SDXL_TEXT_ENCODER_PREFIX))
     for name in sorted(tensors):
         if not name.startswith(prefixes) or "." not in name:
             raise SdpipeError(
-                f"{where}: {name!r} is not a kohya LoRA key (`lora_unet_<layer>.<part>`, `lora_te_<layer>.<part>`); "
+                f"{where}: {name!r} is not a kohya LoRA key (`lora_unet_<layer>.<part>`, `lora_te_<layer>.<part>`, "
+                "SDXL's `lora_te1_`, `lora_te2_`); "
                 "diffusers/PEFT-layout files (pytorch_lora_weights.safetensors) are not read: give the kohya file"
             )
     return LoraFile(role, source, path, kohya.group_by_layer(tensors), metadata)
+
+
+def lora_family(lora: LoraFile) -> ModelFamily:
+    """The family a kohya LoRA is for, from its names (kohya's SDXL files: `lora_te1_`, `lora_te2_`, UNet layers
+    under their original `input_blocks`/`middle_block`/`output_blocks` paths) or `ss_base_model_version`."""
+    sdxl_names = ("lora_te1_", "lora_te2_", *(f"lora_unet_{block}_" for block in SGM_UNET_BLOCKS))
+    if any(name.startswith(sdxl_names) for name in lora.layers):
+        return SDXL
+    return SDXL if lora.metadata.get("ss_base_model_version", "").startswith("sdxl") else SD
 
 
 def unknown_layer_error(lora: LoraFile, name: str, key: str, architecture: str) -> SdpipeError:
@@ -173,28 +196,29 @@ class LoraBaker:
     ):
         self.recipe = recipe
         self.key = key
-        self.targets: dict[str, list[tuple[LoraFile, str, float]]] = {}
+        self.targets: dict[str, list[tuple[LoraFile, str, float, ModelLayer]]] = {}
         for lora, strength in zip(loras, strengths, strict=True):
             for name in sorted(lora.layers):
                 layer = layers.get(name)
                 if layer is None or layer.key not in model_keys:
-                    raise unknown_layer_error(lora, name, key, "the model's UNet or text encoder")
-                self.targets.setdefault(layer.key, []).append((lora, name, strength))
+                    raise unknown_layer_error(lora, name, key, "the model's UNet or text encoders")
+                self.targets.setdefault(layer.key, []).append((lora, name, strength, layer))
 
     def __call__(self, key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         weight = tensors["model"]
         if key not in self.targets:
             return weight
         baked = weight.clone()
-        for lora, name, strength in self.targets[key]:
-            baked += strength * lora.delta(name, tuple(weight.shape), self.key, weight)
+        for lora, name, strength, layer in self.targets[key]:
+            layer_weight = layer.weight_of(weight)
+            layer.weight_of(baked).add_(strength * lora.delta(name, tuple(layer_weight.shape), self.key, layer_weight))
         return baked
 
     def layer_counts(self) -> dict[str, int]:
         """How many layers of each LoRA input were baked in, by role."""
         counts: dict[str, int] = {}
         for targets in self.targets.values():
-            for lora, _, _ in targets:
+            for lora, _, _, _ in targets:
                 counts[lora.role] = counts.get(lora.role, 0) + 1
         return counts
 
@@ -342,7 +366,7 @@ def extract_lora(
         layer_rank = conv_rank if layer.is_spatial_conv else rank
         if layer_rank == 0:
             continue
-        delta = read_tuned(layer.key).float() - read_base(layer.key).float()
+        delta = layer.weight_of(read_tuned(layer.key)).float() - layer.weight_of(read_base(layer.key)).float()
         if delta.abs().max().item() <= min_diff:
             continue
         add_layer(tensors, report, name, *low_rank(delta, layer_rank, dtype))

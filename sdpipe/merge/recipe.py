@@ -27,16 +27,19 @@ from pathlib import Path
 import torch
 
 from sdpipe.config.merge import LORA_FILE_METHODS, LoraBakeInputs, TaskVectorInputs
-from sdpipe.formats.kohya import save_kohya_lora
 from sdpipe.errors import SdpipeError
+from sdpipe.families import SDXL, folder_family, single_file_family
+from sdpipe.formats.kohya import SDXL_BASE_MODEL_VERSION, save_kohya_lora
 from sdpipe.io import atomic_path, write_json
 from sdpipe.merge import methods
 from sdpipe.merge.blocks import BlockWeight
 from sdpipe.merge.lora import (
     LORA_FILE,
     LoraBaker,
+    LoraFile,
     extract_lora,
     load_lora,
+    lora_family,
     lora_metadata,
     model_layers,
     resize_lora,
@@ -138,6 +141,8 @@ def merge_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_d
         checkpoints = {
             item.role: stack.enter_context(open_checkpoint(item.path, f"{key}.inputs.{item.role}")) for item in models
         }
+        loras = [load_lora(item.role, item.source, item.path, key) for item in inputs if item.is_lora]
+        check_one_family(inputs, checkpoints, loras, config_folder, key)
         check_same_architecture(models, checkpoints, key)
         first = checkpoints[models[0].role]
         keys = sorted(first.tensors)
@@ -147,7 +152,7 @@ def merge_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_d
             layout = diffusers_layout(config_folder, f"{key}.config")
             check_fits(layout, {name: first.tensors[name].shape for name in keys}, config_folder, key)
         if recipe.method == "lora_bake":
-            merger = lora_baker(recipe, inputs, config_folder, keys, key)
+            merger = lora_baker(recipe, models[0], first, loras, config_folder, key)
         else:
             merger = Merger(recipe, keys, seed)
             merger.prepare(checkpoints, keys)
@@ -170,12 +175,23 @@ def merge_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_d
     return out_dir
 
 
-def lora_baker(recipe, inputs: list[MergeInput], config_folder: Path, keys: list[str], key: str) -> LoraBaker:
-    """The merger of a `lora_bake` recipe: its LoRA files read, each layer matched to a weight of the model."""
-    loras = [load_lora(item.role, item.source, item.path, key) for item in inputs if item.is_lora]
+def lora_baker(
+    recipe, model: MergeInput, checkpoint: Checkpoint, loras: list[LoraFile], config_folder: Path, key: str
+) -> LoraBaker:
+    """The merger of a `lora_bake` recipe: each layer of its LoRA files matched to a weight of the model (a LoRA
+    for another family matches none: the error says so)."""
     strengths = recipe.strength if isinstance(recipe.strength, list) else [recipe.strength] * len(loras)
     layers = model_layers(config_folder, f"{key}.config")
-    return LoraBaker(recipe, loras, strengths, layers, set(keys), key)
+    try:
+        return LoraBaker(recipe, loras, strengths, layers, set(checkpoint.tensors), key)
+    except SdpipeError as error:
+        for lora in loras:
+            if lora_family(lora) is not checkpoint.family:
+                raise SdpipeError(
+                    f"{error}: inputs.{lora.role} is a {lora_family(lora).title} LoRA and inputs.{model.role} "
+                    f"({model.source}: {model.path}) is {checkpoint.family.title}"
+                ) from None
+        raise
 
 
 def write_lora_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, out_dir: Path) -> Path:
@@ -194,6 +210,8 @@ def write_lora_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, 
             for item in inputs
             if not item.is_lora
         }
+        loras = [load_lora(item.role, item.source, item.path, key) for item in inputs if item.is_lora]
+        check_one_family(inputs, checkpoints, loras, config_folder, key)
         if recipe.method == "lora_extract":
             check_same_architecture(inputs, checkpoints, key)
             tuned, base = checkpoints["tuned"], checkpoints["base"]
@@ -218,10 +236,9 @@ def write_lora_recipe(recipe, inputs: list[MergeInput], *, config_folder: Path, 
                     f"encoder (by more than min_diff={recipe.min_diff}"
                     f"{', with conv_rank 0' if conv_rank == 0 else ''}): there is nothing to extract"
                 )
-            base_metadata: dict[str, str] = {}
+            base_metadata = {"ss_base_model_version": SDXL_BASE_MODEL_VERSION} if tuned.family is SDXL else {}
         else:
-            (item,) = inputs
-            lora = load_lora(item.role, item.source, item.path, key)
+            (lora,) = loras
             tensors, report = resize_lora(lora, layers, rank=recipe.rank, conv_rank=conv_rank, dtype=dtype, key=key)
             if not tensors:
                 raise SdpipeError(f"{lora.where(key)}: conv_rank 0 leaves out every layer of the LoRA")
@@ -244,7 +261,7 @@ def extract_layers(layers: dict, checkpoint: Checkpoint, config_folder: Path, ke
         stored = checkpoint.tensors.get(layer.key)
         if stored is None:
             continue
-        if math.prod(stored.shape) != math.prod(layer.shape):
+        if math.prod(stored.shape) != math.prod(layer.shape) * layer.parts:
             raise SdpipeError(
                 f"{key}: the inputs do not fit the architecture of {config_folder}: {layer.key!r} is "
                 f"{list(stored.shape)} in the inputs and {list(layer.shape)} there; set {key}.config to a diffusers "
@@ -254,6 +271,37 @@ def extract_layers(layers: dict, checkpoint: Checkpoint, config_folder: Path, ke
     if any(name.startswith(OPEN_CLIP_PREFIX) for name in checkpoint.tensors):
         log(f"{key}: the SD 2.x OpenCLIP text encoder is not extracted (only CLIP text encoders are); the UNet is")
     return present
+
+
+def check_one_family(
+    inputs: list[MergeInput],
+    checkpoints: dict[str, Checkpoint],
+    loras: list[LoraFile],
+    config_folder: Path,
+    key: str,
+) -> None:
+    """Every model input and the architecture folder must be of one model family (SD 1.x/2.x, SDXL), and so must the
+    LoRA of `lora_resize`: the error names the first input of another family than the first one's, or the
+    architecture folder, and both families. (`lora_baker` names the family of a LoRA whose layers the model lacks.)"""
+    models = [item for item in inputs if item.role in checkpoints]
+    first = models[0] if models else inputs[0]
+    family = checkpoints[first.role].family if models else lora_family(loras[0])
+    for item in models[1:]:
+        other = checkpoints[item.role].family
+        if other is not family:
+            raise SdpipeError(
+                f"{key}: the inputs are of different model families: inputs.{first.role} ({first.source}: "
+                f"{first.path}) is {family.title} and inputs.{item.role} ({item.source}: {item.path}) is "
+                f"{other.title}; a recipe merges models of one family"
+            )
+    config_family = folder_family(config_folder, key=f"{key}.config")
+    if config_family is not family:
+        what = "models" if models else "LoRA"
+        raise SdpipeError(
+            f"{key}: the inputs are {family.title} {what} (inputs.{first.role}: {first.path}) but the architecture "
+            f"folder {config_folder} is {config_family.title}; set {key}.config to a diffusers folder of the inputs' "
+            "architecture"
+        )
 
 
 def check_same_architecture(inputs: list[MergeInput], checkpoints: dict[str, Checkpoint], key: str) -> None:
@@ -313,9 +361,10 @@ class Merger:
         if self.seed is None:
             self.seed = seed
         self.weights: dict[str, BlockWeight] = {}
+        family = single_file_family(keys)
         for name in ("alpha", "beta"):
             if hasattr(recipe, name):
-                weight = BlockWeight(getattr(recipe, name), f"{recipe_key(recipe)}.{name}")
+                weight = BlockWeight(getattr(recipe, name), f"{recipe_key(recipe)}.{name}", family.name)
                 unused = weight.check_blocks(keys)
                 if unused:
                     log(f"{recipe_key(recipe)}.{name}: the model has no {', '.join(unused)}; those weights go unused")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -239,43 +239,74 @@ OPEN_CLIP_LAYER_PARTS = {  # diffusers (HF CLIP) name in a layer -> OpenCLIP res
 }
 
 
-def open_clip_text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x's text encoder (a transformers `CLIPTextModel` state dict) in the OpenCLIP layout of the original
-    checkpoints, without `cond_stage_model.model.`: fused q/k/v `attn.in_proj_weight`, `transformer.resblocks.N`,
-    `ln_final`, `token_embedding`, `positional_embedding`, as diffusers' and ComfyUI's loaders read them.
+OPEN_CLIP_TRANSPOSED = ("text_projection",)
+"""OpenCLIP keys stored as the transpose of the transformers weight (OpenCLIP applies them as `x @ weight`)."""
 
-    The originals also hold the last of OpenCLIP's 24 layers, `text_projection` and `logit_scale`, which SD 2.x
-    never uses (it conditions on the penultimate layer's output) and which a diffusers model does not have: they are
-    left out, and loaders that build 24 layers leave the unused one as it is.
-    """
-    weights = {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()}
+
+def open_clip_key_map(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """{OpenCLIP key (without prefix): the transformers keys it is made of} for the keys `names` of a `CLIPTextModel`
+    or `CLIPTextModelWithProjection` state dict (with or without `text_model.`). Each OpenCLIP key is one transformers
+    key, except the fused `attn.in_proj_weight` / `_bias`: q, k and v concatenated (`open_clip_tensor` joins them).
+    Raises for a key with no OpenCLIP equivalent."""
+    weights = {name.removeprefix("text_model."): name for name in names}
     weights.pop("embeddings.position_ids", None)  # a buffer in older transformers, not a weight
-    original = {
-        "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
-        "positional_embedding": weights.pop("embeddings.position_embedding.weight"),
-        "ln_final.weight": weights.pop("final_layer_norm.weight"),
-        "ln_final.bias": weights.pop("final_layer_norm.bias"),
+    key_map = {
+        "token_embedding.weight": (weights.pop("embeddings.token_embedding.weight"),),
+        "positional_embedding": (weights.pop("embeddings.position_embedding.weight"),),
+        "ln_final.weight": (weights.pop("final_layer_norm.weight"),),
+        "ln_final.bias": (weights.pop("final_layer_norm.bias"),),
     }
+    if "text_projection.weight" in weights:  # SDXL's second text encoder
+        key_map["text_projection"] = (weights.pop("text_projection.weight"),)
     layers = sorted({int(key.split(".")[2]) for key in weights if key.startswith("encoder.layers.")})
     for index in layers:
         layer, block = f"encoder.layers.{index}.", f"transformer.resblocks.{index}."
         for kind in ("weight", "bias"):
-            projections = [weights.pop(f"{layer}self_attn.{name}_proj.{kind}") for name in "qkv"]
-            original[f"{block}attn.in_proj_{kind}"] = torch.cat(projections)
-            for part, open_clip_part in OPEN_CLIP_LAYER_PARTS.items():
-                original[f"{block}{open_clip_part}.{kind}"] = weights.pop(f"{layer}{part}.{kind}")
+            projections = (weights.pop(f"{layer}self_attn.{name}_proj.{kind}") for name in "qkv")
+            key_map[f"{block}attn.in_proj_{kind}"] = tuple(projections)
+            for part, open_clip_name in OPEN_CLIP_LAYER_PARTS.items():
+                key_map[f"{block}{open_clip_name}.{kind}"] = (weights.pop(f"{layer}{part}.{kind}"),)
     if weights:
         raise SdpipeError(f"text encoder weights with no OpenCLIP equivalent: {', '.join(sorted(weights)[:3])}")
-    return original
+    return key_map
+
+
+def open_clip_tensor(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The OpenCLIP tensor `key` from the transformers tensors that `open_clip_key_map` names for it, in order."""
+    tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return tensor.T if key in OPEN_CLIP_TRANSPOSED else tensor
+
+
+def open_clip_part(key: str, tensor: torch.Tensor, index: int, count: int) -> torch.Tensor:
+    """The reverse of `open_clip_tensor`: the `index`-th of the `count` transformers tensors OpenCLIP's `key` holds."""
+    tensor = tensor.T if key in OPEN_CLIP_TRANSPOSED else tensor
+    return tensor.chunk(count)[index] if count > 1 else tensor
+
+
+def open_clip_text_encoder_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text encoder (a transformers `CLIPTextModel` state dict: SD 2.x's; or SDXL's second,
+    `CLIPTextModelWithProjection`) in the OpenCLIP layout of the original checkpoints, without the prefix
+    (`cond_stage_model.model.`, `conditioner.embedders.1.model.`): fused q/k/v `attn.in_proj_weight`,
+    `transformer.resblocks.N`, `ln_final`, `token_embedding`, `positional_embedding`, as diffusers' and ComfyUI's
+    loaders read them; SDXL's `text_projection` as OpenCLIP keeps it ([width, projection], applied as
+    `x @ text_projection`: the transpose of the linear layer's weight).
+
+    SD 2.x's originals also hold the last of OpenCLIP's 24 layers, `text_projection` and `logit_scale`, which SD 2.x
+    never uses (it conditions on the penultimate layer's output) and which a diffusers model does not have: they are
+    left out, and loaders that build 24 layers leave the unused one as it is.
+    """
+    return {
+        key: open_clip_tensor(key, [state_dict[name] for name in names])
+        for key, names in open_clip_key_map(state_dict).items()
+    }
 
 
 def open_clip_projection_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SDXL's second text encoder (a transformers `CLIPTextModelWithProjection` state dict) in the OpenCLIP layout,
-    without `conditioner.embedders.1.model.`: the text tower as SD 2.x's, and `text_projection` as OpenCLIP keeps it
-    ([width, projection], applied as `x @ text_projection`: the transpose of the linear layer's weight)."""
-    weights = dict(state_dict)
-    projection = weights.pop("text_projection.weight")
-    return {**open_clip_text_encoder_to_original(weights), "text_projection": projection.T}
+    without `conditioner.embedders.1.model.` (`open_clip_text_encoder_to_original`, `text_projection` included)."""
+    if "text_projection.weight" not in state_dict:
+        raise SdpipeError("SDXL's second text encoder has no text_projection.weight")
+    return open_clip_text_encoder_to_original(state_dict)
 
 
 def text_encoders_to_original(family: ModelFamily, text_encoders: list) -> list[tuple[str, dict[str, torch.Tensor]]]:
