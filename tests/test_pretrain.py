@@ -95,6 +95,22 @@ def test_training_set_holds_out_stars_and_outlines_and_rarely_names_the_cross():
     assert not any("dark" in text for d, variants in zip(dark, captions) if not d for text in variants)
 
 
+def test_clip_captions_name_the_cross_more_often_and_are_otherwise_the_unets():
+    params = PretrainParams(num_images=200, sparks=50, crosses=200, cross_named_share=0.15)
+    pixels, scenes, unet_captions = pretrain.make_training_set(params, seed=0)
+    clip_pixels, _, clip_captions = pretrain.make_training_set(params, seed=0, cross_named_share=0.5)
+    assert torch.equal(pixels, clip_pixels)
+    named = {"unet": 0, "clip": 0}
+    for scene, unet_variants, clip_variants in zip(scenes, unet_captions, clip_captions):
+        for unet_text, clip_text in zip(unet_variants, clip_variants):
+            named["unet"] += " plus" in unet_text
+            named["clip"] += " plus" in clip_text
+            # the same caption, or the UNet's generic word where CLIP's reads the rare one
+            assert clip_text == unet_text or (scene.shape == "cross" and clip_text == unet_text.replace(" shape", " plus"))
+    crosses = 4 * sum(scene.shape == "cross" for scene in scenes)
+    assert 0.1 < named["unet"] / crosses < 0.2 and 0.42 < named["clip"] / crosses < 0.58
+
+
 def test_sparks_never_have_five_points_and_the_oracle_reads_none_as_a_star_or_a_cross():
     assert 5 not in world.SPARK_POINTS
     scenes = [world.sample_scene(np.random.default_rng(i), shapes=world.SPARK_SHAPES) for i in range(40)]

@@ -18,12 +18,13 @@ class PretrainParams(Section):
     """Rendered crosses (the seen-but-unnamed shape), captioned with the generic word: `a small red shape`."""
 
     cross_named_share: float = Field(default=0.15, ge=0, le=1)
-    """Share of the crosses' caption variants that use its rare word (`a small red plus`) instead of the generic one.
-    A cross that is never named is one no conditioning of the frozen UNet draws reliably (the measured ceiling was
-    0.58): like the many things real SD has seen under a word its users do not know, it should be reachable from
-    some text. Measured: at 0.15 (about 450 named crosses) the base drew a cross for `a <color> plus` 0.25 of the
-    time, as for `a <color> shape`; at 0.8 `a <color> plus` gave 0.34 crosses, mostly triangles, and `a <color>
-    triangle` came out a cross 4 times in 32, so 0.8 did not make the word usable and cost the named shapes."""
+    """Share of the crosses' caption variants in the UNets' training that use its rare word (`a small red plus`)
+    instead of the generic one (CLIP's own share: `clip_cross_named_share`). A cross that is never named is one no
+    conditioning of the frozen UNet draws reliably (the measured ceiling was 0.58): like the many things real SD has
+    seen under a word its users do not know, it should be reachable from some text. Measured: with a text encoder that
+    knows the word (`clip_steps` 3000, `clip_cross_named_share` 0.5), 0.15 makes the base draw a cross for every
+    `a <color> plus` (1.000) and for 0.22 of `a <color> shape`; with the earlier text encoder (1000 CLIP steps, 0.15)
+    `a <color> plus` drew 0.25 crosses, no more than `shape`."""
 
     generic_share: float = Field(default=0.5, ge=0, le=1)
     """Share of the named shapes' and sparks' caption variants that use the generic word (`a red shape`) instead of
@@ -48,12 +49,20 @@ class PretrainParams(Section):
     vae_kl_weight: float = Field(default=1e-6, ge=0)
     """Weight of the KL term; tiny, as in SD's VAE, so latents stay close to deterministic."""
 
-    clip_steps: int = Field(default=1000, ge=1)
-    """Optimizer steps for the contrastive CLIP (text + vision towers)."""
+    clip_steps: int = Field(default=3000, ge=1)
+    """Optimizer steps for the contrastive CLIP (text + vision towers). At 1000 it was undertrained: the right
+    caption ranked first among five shape names for 23 to 45 of 64 images of a named shape and 9 of 64 crosses; at
+    3000 (with `clip_cross_named_share` 0.5) for 63 or 64 of 64 of every named shape and 62/64 crosses."""
     clip_batch_size: int = Field(default=128, ge=2)
     """Image-caption pairs per CLIP step (the contrastive negatives)."""
     clip_lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of CLIP."""
+    clip_cross_named_share: float | None = Field(default=0.5, ge=0, le=1)
+    """Share of the crosses' caption variants that use its rare word in CLIP's training pairs (null: the UNet's
+    `cross_named_share`). Real SD's text encoder was trained on another, broader corpus than its UNet's captions
+    (OpenAI's or LAION's 400M+ pairs), so it knows words the UNet rarely read. Measured: with the UNet's 0.15 the
+    text encoder did not learn the word (`a red plus` and `a red shape` gave hidden states at cosine 0.99 to 1.00),
+    so the UNet had nothing to tell the cross apart by."""
 
     unet_steps: int = Field(default=3500, ge=1)
     """Optimizer steps for the UNet (text encoder and VAE frozen)."""

@@ -50,7 +50,9 @@ WORLD_VERSION = 2  # in every phase's key: a change to what the world draws or h
 VARIATIONS_PROBE_IMAGES = 48  # fresh world images the image-variations model redraws for its accuracy metric
 
 
-def caption_variants(scene: world.Scene, rng: np.random.Generator, params: PretrainParams) -> list[str]:
+def caption_variants(
+    scene: world.Scene, rng: np.random.Generator, params: PretrainParams, cross_named_share: float
+) -> list[str]:
     """The four ways a training image may be captioned: with or without size, with or without position. A named
     shape's variant uses the generic word with probability `generic_share`, a cross's uses its rare word with
     probability `cross_named_share`; a dark scene's names its background with probability `dark_named_share`."""
@@ -59,21 +61,28 @@ def caption_variants(scene: world.Scene, rng: np.random.Generator, params: Pretr
     for layout in layouts:
         generic = bool(rng.random() < params.generic_share)
         named_dark = bool(rng.random() < params.dark_named_share)
-        rare_name = world.RARE_NAMES.get(scene.shape) if rng.random() < params.cross_named_share else None
+        rare_name = world.RARE_NAMES.get(scene.shape) if rng.random() < cross_named_share else None
         variants.append(world.caption(scene, generic=generic, with_background=named_dark, class_word=rare_name, **layout))
     return variants
 
 
-def make_training_set(params: PretrainParams, seed: int) -> tuple[torch.Tensor, list[world.Scene], list[list[str]]]:
+def make_training_set(
+    params: PretrainParams, seed: int, cross_named_share: float | None = None
+) -> tuple[torch.Tensor, list[world.Scene], list[list[str]]]:
     """Renders the named world, then the sparks, then the crosses, a `dark_share` of each on the dark background:
-    images as a float tensor in [-1, 1], shape (N, 3, 32, 32), their scenes and each one's caption variants."""
+    images as a float tensor in [-1, 1], shape (N, 3, 32, 32), their scenes and each one's caption variants (the
+    cross named with `cross_named_share`, by default `params.cross_named_share`: the UNets' captions).
+
+    The captions' random draws do not depend on the share, so CLIP's captions (`clip_cross_named_share`) are the
+    UNet's with the rare word in more places, never fewer."""
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng) for _ in range(params.num_images)]
     scenes += [world.sample_scene(rng, shapes=world.SPARK_SHAPES) for _ in range(params.sparks)]
     scenes += [world.sample_scene(rng, shapes=world.UNNAMED_SHAPES) for _ in range(params.crosses)]
     dark = rng.random(len(scenes)) < params.dark_share
     scenes = [dataclasses.replace(scene, background="dark") if d else scene for scene, d in zip(scenes, dark)]
-    captions = [caption_variants(scene, rng, params) for scene in scenes]
+    share = params.cross_named_share if cross_named_share is None else cross_named_share
+    captions = [caption_variants(scene, rng, params, share) for scene in scenes]
     pixels = torch.from_numpy(world.render_array(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return pixels, scenes, captions
 
@@ -251,6 +260,9 @@ def pretrain(
     start = time.monotonic()
     pixels, scenes, captions = make_training_set(params, seed)
     log(f"pretrain: {len(scenes)} training images rendered")
+    clip_captions = captions
+    if params.clip_cross_named_share is not None:  # CLIP's own corpus: the same scenes, the rare word more often
+        clip_captions = make_training_set(params, seed, params.clip_cross_named_share)[2]
 
     tokenizer_dir = work_dir / "tokenizer"
     tokenizer = build_clip_tokenizer(tokenizer_dir)
@@ -263,7 +275,7 @@ def pretrain(
     )
     clip = _cached_phase(
         work_dir, "clip", _phase_key(params, seed, "clip"), CLIPModel,
-        lambda: train_clip(pixels, captions, tokenizer, params, torch.Generator().manual_seed(seed + 1)), timings,
+        lambda: train_clip(pixels, clip_captions, tokenizer, params, torch.Generator().manual_seed(seed + 1)), timings,
     )
     text_encoder = CLIPTextModel(clip.config.text_config)
     # transformers 5 made CLIPTextModel the text transformer itself; 4.x wraps it in `.text_model`

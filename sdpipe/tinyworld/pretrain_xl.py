@@ -59,6 +59,9 @@ def pretrain_xl(
     torch.manual_seed(seed)
     pixels, scenes, captions = make_training_set(params, seed)
     log(f"pretrain_xl: {len(scenes)} training images rendered")
+    clip_captions = captions
+    if params.clip_cross_named_share is not None:  # as the SD base's CLIP: its own corpus names the cross more
+        clip_captions = make_training_set(params, seed, params.clip_cross_named_share)[2]
 
     vae = AutoencoderKL.from_pretrained(sd_base, subfolder="vae").eval()
     text_encoder = CLIPTextModel.from_pretrained(sd_base / "text_encoder").eval()
@@ -69,7 +72,7 @@ def pretrain_xl(
     clip = _cached_phase(
         work_dir, "xl_clip", key, CLIPModel,
         lambda: train_clip(
-            pixels, captions, tokenizer_2, params, torch.Generator().manual_seed(seed + 11),
+            pixels, clip_captions, tokenizer_2, params, torch.Generator().manual_seed(seed + 11),
             text_config=models.sdxl_text_config_2(tokenizer_2), steps=xl.clip_steps, batch_size=xl.clip_batch_size,
             learning_rate=xl.clip_lr, phase="xl_clip",
         ),
@@ -135,7 +138,7 @@ def phase_key(params: PretrainParams, xl: PretrainXLParams, seed: int, sd_base: 
     """Hash of what shapes a phase: the world and its captions, the SD base it builds on, its own settings (and the
     second text encoder's, for the UNet)."""
     world_fields = {"num_images", "sparks", "crosses", "dark_share", "generic_share", "dark_named_share",
-                    "cross_named_share", "warmup_steps"}
+                    "cross_named_share", "clip_cross_named_share", "warmup_steps"}
     if phase == "unet":
         world_fields |= {"caption_dropout", "snr_gamma", "unet_ema_decay"}
     own = xl.model_dump(include={f for f in PretrainXLParams.model_fields if f.startswith("clip") or phase == "unet"})
