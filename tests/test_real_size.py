@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 SLACK_GIB = 1.0  # the Python interpreter, torch and diffusers themselves, before any model
+# Disk the module needs at once: the random model (4.3 GB) and a test's outputs (a diffusers folder and a single
+# file, 8.6 GB), with room to spare. Each test deletes its outputs, and the model goes when the module ends.
+DISK_NEEDED_GIB = 16.0
 
 pytestmark = pytest.mark.slow
 
@@ -53,17 +57,28 @@ def weights_gib(folder: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory) -> Path:
+def sd15(tmp_path_factory):
     """An SD 1.5 diffusers folder with random weights in fp32, built in a child process (this one stays small, so the
     stages' peaks measured below are their own)."""
     folder = tmp_path_factory.mktemp("sd15")
+    free = shutil.disk_usage(folder).free / GIB
+    if free < DISK_NEEDED_GIB:
+        pytest.skip(f"real-size tests need {DISK_NEEDED_GIB:.0f} GiB free disk in {folder.parent}, {free:.1f} GiB free")
     command = [sys.executable, "-m", "sdpipe.models.random_weights", "sd15", str(folder), "fp32", "--model-only"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return folder / "model"
+    yield folder / "model"
+    shutil.rmtree(folder)
 
 
-def test_dreambooth_with_the_text_encoder_trains_and_saves_within_its_memory_budget(sd15, tmp_path):
-    work = tmp_path / "work"
+@pytest.fixture
+def outputs(tmp_path) -> Path:
+    """A test's own folder, deleted when the test ends, pass or fail (its files are gigabytes each)."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_dreambooth_with_the_text_encoder_trains_and_saves_within_its_memory_budget(sd15, outputs):
+    work = outputs / "work"
     (work / "datasets").mkdir(parents=True)
     os.symlink(REPO / "datasets" / "star", work / "datasets" / "star")
     params = {
@@ -92,15 +107,15 @@ def test_dreambooth_with_the_text_encoder_trains_and_saves_within_its_memory_bud
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
 
 
-def test_convert_writes_a_single_file_within_the_model_size_plus_one_gib(sd15, tmp_path):
-    single_file = tmp_path / "model.safetensors"
+def test_convert_writes_a_single_file_within_the_model_size_plus_one_gib(sd15, outputs):
+    single_file = outputs / "model.safetensors"
     convert = [sys.executable, "-m", "sdpipe.cli", "convert"]
-    peak = run_measured([*convert, str(sd15), str(single_file)], tmp_path)
+    peak = run_measured([*convert, str(sd15), str(single_file)], outputs)
     model = weights_gib(sd15)
     assert peak <= model + 1.0 + SLACK_GIB, f"folder -> single file peaked at {peak:.2f} GiB for {model:.2f} GiB"
     with safe_open(str(single_file), framework="pt") as f:
         assert {key: list(f.get_slice(key).get_shape()) for key in SD15_KEYS} == SD15_KEYS
 
-    peak = run_measured([*convert, str(single_file), str(tmp_path / "back"), "--to", "diffusers", "--config",
-                         str(sd15)], tmp_path)
+    peak = run_measured([*convert, str(single_file), str(outputs / "back"), "--to", "diffusers", "--config",
+                         str(sd15)], outputs)
     assert peak <= model + 1.0 + SLACK_GIB, f"single file -> folder peaked at {peak:.2f} GiB for {model:.2f} GiB"
