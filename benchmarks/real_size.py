@@ -65,6 +65,7 @@ BASELINE_GIB = {
     "train@dreambooth": "killed at 22.2 (saving)",
     "class_images": "5.9",
     "convert folder -> single file": "17.1",
+    "export": "10.16 (parity at 512 px)",
 }
 DTYPES = ("fp32", "fp16")
 

@@ -104,6 +104,38 @@ def test_the_loss_is_the_guided_prediction_against_the_noise(tiny_sd_dir):
     assert not torch.allclose(loss, F.mse_loss(eps_pos, noise))
 
 
+def test_the_reconstruction_loss_adds_the_l1_of_the_decoded_predicted_and_real_images(tiny_sd_dir):
+    method, models = setup_method(tiny_sd_dir, cfg_scale=3.0, reconstruction_loss_weight=0.5)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    captions = [method.caption("a red sks shape"), method.caption("a blue sks shape")]
+    common = parse_params({}).train.common.model_copy(update={"snr_gamma": None})
+    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
+    batch = Batch(latents=latents, captions=captions, keys=["star/0", "star/1"])
+    with torch.enable_grad():
+        loss, _ = batch_loss(method, models, batch, captions, None, torch.Generator().manual_seed(7), common, accelerator)
+        loss.backward()
+    assert all(parameter.grad is not None for parameter in method.trainable_parameters())
+
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (2,), generator=generator)
+    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    with torch.no_grad():
+        guided = method.predict(models, noisy, timesteps, method.encode_text(models, captions))
+        alphas = models.noise_scheduler.alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
+        predicted = (noisy - (1 - alphas).sqrt() * guided) / alphas.sqrt()
+        scale = method.vae.config.scaling_factor
+        decoded, real = (method.vae.decode(x / scale).sample for x in (predicted, latents))
+    expected = F.mse_loss(guided, noise) + 0.5 * F.l1_loss(decoded, real)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+    assert not method.vae.decoder.conv_out.weight.requires_grad  # the VAE stays frozen
+
+
+def test_the_reconstruction_loss_is_off_by_default(tiny_sd_dir):
+    method, _ = setup_method(tiny_sd_dir)
+    assert method.vae is None
+
+
 def test_the_negative_rows_train_at_their_own_rate(tiny_sd_dir):
     method, models = setup_method(tiny_sd_dir, learning_rate=0.01, negative_learning_rate=0.0025)
     positive_id, negative_id = method.token_ids

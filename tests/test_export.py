@@ -144,6 +144,22 @@ def test_released_weights_are_freed_only_after_every_torch_reference_is_taken(ti
     assert report["generation"]["mean_abs_pixel_diff"] < 1e-4
 
 
+def test_a_model_larger_than_the_check_size_is_checked_at_the_check_size_and_runs_at_its_own(
+    tiny_sd_dir, tmp_path, monkeypatch
+):
+    """At real size (SD 1.5's latent 64) the parity inputs and the end-to-end image stay at `CHECK_LATENT_SIZE`,
+    which bounds onnxruntime's memory; the graph, with dynamic axes, still runs at the model's own size."""
+    monkeypatch.setattr(onnx_export, "CHECK_LATENT_SIZE", 4)
+    fresh = load_pipeline(str(tiny_sd_dir))
+    own = fresh.unet.config.sample_size
+    assert own > 4
+    report = export_onnx(fresh, tmp_path / "onnx", ExportParams(check_steps=2))
+    assert [case["sample"] for case in report["components"]["unet"]["input_shapes"]] == [[2, 4, 4, 4], [1, 4, 4, 8]]
+    assert report["generation"]["mean_abs_pixel_diff"] < 1e-4
+    image = OnnxStableDiffusion(tmp_path / "onnx")("a red circle", seed=0, steps=2)
+    assert image.shape == (1, own * fresh.vae_scale_factor, own * fresh.vae_scale_factor, 3)
+
+
 def test_a_failed_parity_check_writes_nothing(pipe, tmp_path):
     settings = ExportParams(tolerance={"fp32": 1e-12})
     out_dir = tmp_path / "export" / "onnx" / "base"

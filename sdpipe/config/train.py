@@ -233,6 +233,13 @@ class DreamArtistParams(TextualInversionParams):
     on the same caption with the negative ones. Sample with a guidance scale near it and `<token>-neg` in the
     negative prompt; 7.5 is the guidance `evaluate` samples with (the A1111 extension's default is 5)."""
 
+    reconstruction_loss_weight: float = Field(default=0.0, ge=0.0)
+    """The reference's reconstruction loss (its `use_rec`, on by default there with weight 1): the clean image that
+    the guided prediction implies, decoded by the VAE, against the training image (L1, here the VAE's decoding of
+    the image's cached latent), times this weight, added to the diffusion loss. It ties the embeddings to what the
+    image looks like at every noise level. Each step then also decodes its batch with gradients through the VAE:
+    at SD size (512 px) several GB more memory, as the reference warns; 0: off."""
+
 
 class WeightTrainingParams(MethodParams):
     """What the methods that train the model's own weights (fine-tuning, DreamBooth) share."""

@@ -18,7 +18,8 @@ keeps them in one `weights.pb` beside its `model.onnx`.
 The parity check runs each exported component in onnxruntime and its module in PyTorch (fp32, CPU) on random
 inputs of two shapes (the export shape with batch 2, and batch 1 at twice the width, which exercises the
 dynamic axes), then one end-to-end generation of each with the same seed. Out of tolerance, nothing is
-written.
+written. The export shape is the UNet's `sample_size`, at most `CHECK_LATENT_SIZE` (the axes are dynamic, so the
+graph is the same): at SD 1.5's 64 the wide case alone made onnxruntime hold gigabytes of attention scores.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GB less room for the graph itself
 # Parity inputs: (batch, width factor, timesteps). The first is how pipelines call the UNet (one timestep for a
 # batch of two, the guidance pair); the second checks the dynamic axes at a new batch size and width.
 PARITY_CASES = ((2, 1, 1), (1, 2, 1))
+CHECK_LATENT_SIZE = 32  # latent side of the trace, the parity inputs and the end-to-end image (256 px for SD 1.x)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def example_inputs(
     """Random inputs of the export shape (`width_factor` 1) or wider, as torch tensors by input name; the UNet gets
     `timesteps` timesteps (1, or one per batch item)."""
     unet, vae = pipe.unet.config, pipe.vae.config
-    latent = unet.sample_size
+    latent = check_latent_size(pipe)
     latent_shape = (batch, unet.in_channels, latent, latent * width_factor)
     scale = 2 ** (len(vae.block_out_channels) - 1)
     sequence = pipe.tokenizer.model_max_length
@@ -145,6 +147,11 @@ def example_inputs(
         return {"sample": torch.rand(image_shape, generator=generator) * 2 - 1}
     latents = torch.randn(batch, vae.latent_channels, latent, latent * width_factor, generator=generator)
     return {"latent_sample": latents / vae.scaling_factor}  # unscaled latents are about 1 / scaling_factor wide
+
+
+def check_latent_size(pipe) -> int:
+    """The latent side the export is traced and checked at: the UNet's own, at most `CHECK_LATENT_SIZE`."""
+    return min(pipe.unet.config.sample_size, CHECK_LATENT_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,7 +413,9 @@ def check_component(path: Path, cases: list[tuple[dict, tuple]], providers: list
 def check_generation(folder: Path, settings: ExportParams, seed: int, providers: list[str], torch_image: np.ndarray) -> dict:
     """One image from onnxruntime against the PyTorch pipeline's (`torch_generate`), same prompt, seed and scheduler."""
     log(f"export: end-to-end check, {settings.check_steps} steps")
-    onnx_image = OnnxStableDiffusion(folder, providers)(settings.check_prompt, seed=seed, steps=settings.check_steps)
+    pipeline = OnnxStableDiffusion(folder, providers)
+    side = min(pipeline.latent_size, CHECK_LATENT_SIZE) * pipeline.vae_scale_factor
+    onnx_image = pipeline(settings.check_prompt, seed=seed, steps=settings.check_steps, height=side, width=side)
     difference = np.abs(onnx_image - torch_image)
     return {
         "prompt": settings.check_prompt,
@@ -421,8 +430,11 @@ def check_generation(folder: Path, settings: ExportParams, seed: int, providers:
 def torch_generate(pipe, prompt: str, seed: int, steps: int, guidance_scale: float = 7.5) -> np.ndarray:
     """The PyTorch pipeline's image, [1, height, width, 3] in [0, 1], latents drawn like `OnnxStableDiffusion`'s."""
     pipe.set_progress_bar_config(disable=True)
+    side = check_latent_size(pipe) * pipe.vae_scale_factor
     return pipe(
         prompt,
+        height=side,
+        width=side,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         generator=torch.Generator().manual_seed(seed),

@@ -11,7 +11,9 @@ negative token, as A1111's DreamArtist extension trains it:
 3. The UNet predicts the noise for both, and the loss compares the guided prediction
    eps_neg + cfg_scale × (eps_pos − eps_neg) with the noise (min-SNR weighting and the rest from the training core):
    the positive embedding learns what the concept is, the negative one what to steer away from.
-4. `save` writes `<name>.safetensors` and `<name>-neg.safetensors` (A1111/kohya: one key `emb_params`,
+4. With `reconstruction_loss_weight` (the reference's "reconstruction"), the clean latents that the guided
+   prediction implies are decoded by the VAE and compared (L1) with the decoding of the image's latents.
+5. `save` writes `<name>.safetensors` and `<name>-neg.safetensors` (A1111/kohya: one key `emb_params`,
    [num_vectors, hidden]); `<name>` is the placeholder token without `<`, `>` (`sks`). A1111 and ComfyUI take the
    prompt word from the file name: `sks` in the prompt and `sks-neg` in the negative prompt (ComfyUI:
    `embedding:sks`, `embedding:sks-neg`); diffusers: `<sks>` and `<sks>-neg` after `load_textual_inversion`. Use
@@ -32,8 +34,10 @@ from sdpipe.errors import SdpipeError
 from sdpipe.families import Conditioning
 from sdpipe.formats.a1111 import checkpoint_hash
 from sdpipe.formats.embeddings import Embedding, file_stem, save_safetensors_embedding
-from sdpipe.models.loading import load_pipeline
+from sdpipe.models.loading import load_pipeline, load_vae
 from sdpipe.training import Models, run_training
+from sdpipe.training.diffusion import predicted_latents
+from sdpipe.training.method import PredictedBatch
 from sdpipe.training.rng import torch_generator
 from sdpipe.training.tokens import PlaceholderTokenTraining
 
@@ -43,7 +47,10 @@ NEGATIVE_INIT_NOISE = 1e-3  # the reference's: the negative vectors start at the
 
 def train(params, out_dir: Path) -> dict:
     """The `train@dreamartist` stage: trains both embeddings and writes `<out_dir>/model/<name>[-neg].*`."""
-    method = DreamArtist(params.train.dreamartist, base_model=params.base.base_model, seed=params.base.seed)
+    method = DreamArtist(
+        params.train.dreamartist, params.base.base_model, seed=params.base.seed,
+        base_model_config=params.base.base_model_config,
+    )
     return run_training(params, method, out_dir)
 
 
@@ -96,7 +103,7 @@ class DreamArtist(PlaceholderTokenTraining):
 
     name = "dreamartist"
 
-    def __init__(self, params: DreamArtistParams, base_model: str, seed: int = 0):
+    def __init__(self, params: DreamArtistParams, base_model: str, seed: int = 0, base_model_config: str | None = None):
         super().__init__(params, base_model)  # the positive tokens and their caption rewriting
         self.seed = seed
         self.file_stem = file_stem(params.placeholder_token, f"{self.params_key}.placeholder_token")
@@ -106,6 +113,8 @@ class DreamArtist(PlaceholderTokenTraining):
         self.negative_text = " ".join(self.negative_tokens)
         self.tokens = self.positive_tokens + self.negative_tokens  # what `PlaceholderTokenTraining.setup` adds
         self.negative_rows_before_step: torch.Tensor | None = None
+        self.base_model_config = base_model_config
+        self.vae = None  # loaded by `setup` when the reconstruction loss is on
 
     def setup(self, models: Models) -> None:
         """Adds both embeddings: the positive one from `initializer_word`, the negative one from
@@ -120,6 +129,8 @@ class DreamArtist(PlaceholderTokenTraining):
             self.initialize(models.tokenizer, self.negative_ids, negative_word, "negative_initializer_word")
             noise = torch.randn(len(self.negative_ids), self.embeddings.shape[1], generator=generator)
             self.embeddings[self.negative_ids] += NEGATIVE_INIT_NOISE * noise.to(self.embeddings.dtype)
+        if self.params.reconstruction_loss_weight > 0:
+            self.vae = load_vae(self.base_model, self.base_model_config, device=models.device).requires_grad_(False).eval()
 
     def initialize(self, tokenizer, token_ids: list[int], word: str, key: str) -> None:
         """Starts the rows `token_ids` from the embeddings of `word`'s tokens, spread over them as A1111 does."""
@@ -165,6 +176,24 @@ class DreamArtist(PlaceholderTokenTraining):
         )
         positive_prediction, negative_prediction = both.chunk(2)
         return negative_prediction + self.params.cfg_scale * (positive_prediction - negative_prediction)
+
+    def extra_loss(self, models: Models, batch: PredictedBatch) -> torch.Tensor | None:
+        """The reconstruction loss: weight × L1 between the decodings of the predicted and the real clean latents."""
+        if self.vae is None:
+            return None
+        predicted = predicted_latents(models.noise_scheduler, batch.noisy_latents, batch.prediction, batch.timesteps)
+        with torch.no_grad():
+            image = self.decode(batch.latents)
+        reconstruction = self.decode(predicted)
+        return self.params.reconstruction_loss_weight * torch.nn.functional.l1_loss(reconstruction, image)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [-1, 1] of latents scaled as the UNet sees them (`encode`'s scaling and shift undone)."""
+        config = self.vae.config
+        latents = latents.float() / config.scaling_factor
+        if getattr(config, "shift_factor", None) is not None:
+            latents = latents + config.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
 
     def after_optimizer_step(self, models: Models) -> None:
         super().after_optimizer_step(models)  # every other row back to its original value

@@ -49,6 +49,21 @@ def prediction_target(
     return latents
 
 
+def predicted_latents(
+    noise_scheduler, noisy_latents: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The clean latents a prediction implies (x0), for each prediction type."""
+    kind = prediction_type(noise_scheduler)
+    if kind == "sample":
+        return prediction
+    alphas = noise_scheduler.alphas_cumprod.to(noisy_latents.device)[timesteps].float()
+    alpha = alphas.sqrt().reshape(-1, *[1] * (noisy_latents.ndim - 1))
+    sigma = (1 - alphas).sqrt().reshape(alpha.shape)
+    if kind == "v_prediction":
+        return alpha * noisy_latents - sigma * prediction
+    return (noisy_latents - sigma * prediction) / alpha
+
+
 def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """The signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of each timestep."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]

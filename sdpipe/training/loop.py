@@ -62,7 +62,7 @@ from sdpipe.training.data import Batch, Example, LatentBatches, PriorPreservatio
 from sdpipe.training.datasets import method_datasets
 from sdpipe.training.diffusion import diffusion_loss, prediction_target, sample_noise, sample_timesteps
 from sdpipe.training.ema import Ema
-from sdpipe.training.method import Models, TrainingMethod
+from sdpipe.training.method import Models, PredictedBatch, TrainingMethod
 from sdpipe.training.optim import make_lr_scheduler, make_optimizer
 from sdpipe.training.processes import ONE_PROCESS, ProcessShare
 from sdpipe.training.rng import derived_seed, python_rng, torch_generator
@@ -619,12 +619,14 @@ def diffusion_losses(
     with accelerator.autocast():
         conditioning = text_cache(captions) if text_cache is not None else method.encode_text(models, captions)
         prediction = method.predict(models, noisy_latents, timesteps, conditioning, time_ids)
-    return [
-        diffusion_loss(part_prediction, part_target, part_timesteps, models.noise_scheduler, common.snr_gamma)
-        for part_prediction, part_target, part_timesteps in zip(
-            prediction.split(sizes), target.split(sizes), timesteps.split(sizes)
-        )
-    ]
+    losses = []
+    for part in zip(latents.split(sizes), noisy_latents.split(sizes), timesteps.split(sizes), prediction.split(sizes),
+                    target.split(sizes)):
+        part_latents, part_noisy, part_timesteps, part_prediction, part_target = part
+        loss = diffusion_loss(part_prediction, part_target, part_timesteps, models.noise_scheduler, common.snr_gamma)
+        extra = method.extra_loss(models, PredictedBatch(part_latents, part_noisy, part_timesteps, part_prediction))
+        losses.append(loss if extra is None else loss + extra)
+    return losses
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

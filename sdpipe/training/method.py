@@ -13,6 +13,7 @@ A method subclasses `TrainingMethod` and says:
 - `encode_text(models, captions)` / `predict(models, ...)`: how a batch's conditioning is built and the UNet
   called, when the defaults (the model family's text conditioning and UNet call) do not fit, and
   `sample_embeddings(models, prompts)` the sample images' conditioning when it is not the text encoder's;
+- `extra_loss(models, batch)`: a loss of its own added to the diffusion loss (DreamArtist's reconstruction);
 - `after_optimizer_step(models)`: anything to restore after an update;
 - `save(models, folder, step)`: its final files, in the formats the ecosystem loads;
 - `ema_decay`: for methods that train model weights, an exponential moving average of them, saved instead of the
@@ -57,6 +58,16 @@ class Models:
     @property
     def text_encoders(self) -> list:
         return [getattr(self, name) for name in self.family.text_encoders]
+
+
+@dataclass
+class PredictedBatch:
+    """One batch as the UNet saw it: its clean latents, the noised ones, their timesteps and the prediction."""
+
+    latents: torch.Tensor
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    prediction: torch.Tensor
 
 
 class TrainingMethod:
@@ -129,6 +140,10 @@ class TrainingMethod:
     def sample_embeddings(self, models: Models, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (conditional, unconditional) UNet contexts of the sample prompts when the method's conditioning is
         not the text encoder's (CLIP inversion); None: the sampling pipeline encodes the prompts."""
+        return None
+
+    def extra_loss(self, models: Models, batch: PredictedBatch) -> torch.Tensor | None:
+        """A loss added to the batch's diffusion loss (None, the default: none)."""
         return None
 
     def after_optimizer_step(self, models: Models) -> None:
