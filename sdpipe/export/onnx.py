@@ -413,9 +413,10 @@ def check_component(path: Path, cases: list[tuple[dict, tuple]], providers: list
 def check_generation(folder: Path, settings: ExportParams, seed: int, providers: list[str], torch_image: np.ndarray) -> dict:
     """One image from onnxruntime against the PyTorch pipeline's (`torch_generate`), same prompt, seed and scheduler."""
     log(f"export: end-to-end check, {settings.check_steps} steps")
-    pipeline = OnnxStableDiffusion(folder, providers)
-    side = min(pipeline.latent_size, CHECK_LATENT_SIZE) * pipeline.vae_scale_factor
-    onnx_image = pipeline(settings.check_prompt, seed=seed, steps=settings.check_steps, height=side, width=side)
+    height, width = torch_image.shape[1:3]  # the size `torch_generate` drew at
+    onnx_image = OnnxStableDiffusion(folder, providers)(
+        settings.check_prompt, seed=seed, steps=settings.check_steps, height=height, width=width
+    )
     difference = np.abs(onnx_image - torch_image)
     return {
         "prompt": settings.check_prompt,
