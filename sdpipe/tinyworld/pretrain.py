@@ -75,6 +75,15 @@ def make_training_set(
 
     The captions' random draws do not depend on the share, so CLIP's captions (`clip_cross_named_share`) are the
     UNet's with the rare word in more places, never fewer."""
+    scenes, captions = training_scenes(params, seed, cross_named_share)
+    pixels = torch.from_numpy(world.render_array(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, scenes, captions
+
+
+def training_scenes(
+    params: PretrainParams, seed: int, cross_named_share: float | None = None
+) -> tuple[list[world.Scene], list[list[str]]]:
+    """`make_training_set`'s scenes and caption variants, without rendering them."""
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng) for _ in range(params.num_images)]
     scenes += [world.sample_scene(rng, shapes=world.SPARK_SHAPES) for _ in range(params.sparks)]
@@ -82,9 +91,15 @@ def make_training_set(
     dark = rng.random(len(scenes)) < params.dark_share
     scenes = [dataclasses.replace(scene, background="dark") if d else scene for scene, d in zip(scenes, dark)]
     share = params.cross_named_share if cross_named_share is None else cross_named_share
-    captions = [caption_variants(scene, rng, params, share) for scene in scenes]
-    pixels = torch.from_numpy(world.render_array(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, scenes, captions
+    return scenes, [caption_variants(scene, rng, params, share) for scene in scenes]
+
+
+def clip_training_captions(params: PretrainParams, seed: int, captions: list[list[str]]) -> list[list[str]]:
+    """The caption variants CLIP trains on: the UNets' `captions`, or with `clip_cross_named_share` set, the same
+    scenes' captions naming the cross that much more often (CLIP's own, broader corpus)."""
+    if params.clip_cross_named_share is None:
+        return captions
+    return training_scenes(params, seed, params.clip_cross_named_share)[1]
 
 
 def make_doodles(count: int, seed: int) -> torch.Tensor:
@@ -260,9 +275,7 @@ def pretrain(
     start = time.monotonic()
     pixels, scenes, captions = make_training_set(params, seed)
     log(f"pretrain: {len(scenes)} training images rendered")
-    clip_captions = captions
-    if params.clip_cross_named_share is not None:  # CLIP's own corpus: the same scenes, the rare word more often
-        clip_captions = make_training_set(params, seed, params.clip_cross_named_share)[2]
+    clip_captions = clip_training_captions(params, seed, captions)
 
     tokenizer_dir = work_dir / "tokenizer"
     tokenizer = build_clip_tokenizer(tokenizer_dir)

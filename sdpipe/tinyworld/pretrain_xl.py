@@ -37,6 +37,7 @@ from sdpipe.tinyworld.pretrain import (
     WORLD_VERSION,
     _cached_phase,
     clip_retrieval_accuracy,
+    clip_training_captions,
     make_training_set,
     posterior_means,
     text_condition,
@@ -59,9 +60,7 @@ def pretrain_xl(
     torch.manual_seed(seed)
     pixels, scenes, captions = make_training_set(params, seed)
     log(f"pretrain_xl: {len(scenes)} training images rendered")
-    clip_captions = captions
-    if params.clip_cross_named_share is not None:  # as the SD base's CLIP: its own corpus names the cross more
-        clip_captions = make_training_set(params, seed, params.clip_cross_named_share)[2]
+    clip_captions = clip_training_captions(params, seed, captions)  # as the SD base's CLIP's
 
     vae = AutoencoderKL.from_pretrained(sd_base, subfolder="vae").eval()
     text_encoder = CLIPTextModel.from_pretrained(sd_base / "text_encoder").eval()
