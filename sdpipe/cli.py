@@ -88,9 +88,9 @@ def sample(
             seed, steps, guidance_scale, negative_prompt = None, record.num_inference_steps, record.guidance_scale, ""
             prompts = [record.prompt if text is None else text for text in prompts]
         elif onnx is not None:
-            from sdpipe.export.onnx_pipeline import OnnxStableDiffusion
+            from sdpipe.export.onnx_pipeline import load_onnx_pipeline
 
-            runner = OnnxStableDiffusion(onnx)
+            runner = load_onnx_pipeline(onnx)
             options = dict(seed=seed, steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
             generate = lambda text: runner(text, **options)  # noqa: E731
             runtime, model_name = f"onnxruntime ({runner.providers[0]})", onnx.name

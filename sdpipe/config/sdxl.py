@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sdpipe.config.section import Section
 from sdpipe.methods.registry import METHODS
@@ -31,6 +31,18 @@ class SdxlParams(Section):
     train: dict[Literal[SDXL_METHODS], dict[str, Any]] = Field(default_factory=dict)  # type: ignore[valid-type]
     """Settings of `train.<method>` that differ on this base, by method (`lora: {max_steps: 1000}`); every other
     setting is `train.<method>`'s. Checked as `train.<method>` is."""
+
+    export_model: str = Field(default="base", pattern=r"^(base|train:[A-Za-z0-9_]+)$")
+    """What `export_family@sdxl` exports to ONNX (with the `export` section's other settings), in optimum's SDXL layout
+    under `<paths.families>/sdxl/export/onnx/<name>/`: `base` (this section's base_model) or `train:<method>` (one of
+    `methods`). `export.enabled: false` skips it too."""
+
+    @model_validator(mode="after")
+    def _export_model_is_trained(self) -> "SdxlParams":
+        method = self.export_model.removeprefix("train:")
+        if self.export_model != "base" and method not in self.methods:
+            raise ValueError(f"export_model is {self.export_model!r} but {method!r} is not in methods ({self.methods})")
+        return self
 
 
 def family_train(params, family: str):
@@ -69,17 +81,20 @@ def family_view(params, family: str):
             "latents": str(root / "latents"),
             "class_images": str(root / "class_images"),
             "train": str(root / "train"),
+            "export": str(root / "export"),
             "checkpoints": None if params.paths.checkpoints is None else str(Path(params.paths.checkpoints) / family),
         }
     )
     base = params.base.model_copy(update={"base_model": section.base_model, "base_model_config": section.base_model_config})
     train = family_train(params, family)
     merge = params.merge.model_copy(update={"recipes": {}})  # merges of other families: not yet (issue #22)
+    export = params.export.model_copy(update={"model": section.export_model})
     evaluate = params.evaluate
     main_clip = Path(params.base.base_model) / "clip"
     if evaluate.clip_model is None and (main_clip / "config.json").is_file():
         # the CLIP beside the main base scores this family's rows too, so that the families' CLIP metrics compare
         evaluate = evaluate.model_copy(update={"clip_model": str(main_clip)})
-    return params.model_copy(update={"paths": paths, "base": base, "train": train, "merge": merge, "evaluate": evaluate})
+    update = {"paths": paths, "base": base, "train": train, "merge": merge, "evaluate": evaluate, "export": export}
+    return params.model_copy(update=update)
 
 

@@ -1,6 +1,6 @@
-"""ONNX export of a Stable Diffusion pipeline, with a parity check against the PyTorch modules.
+"""ONNX export of a Stable Diffusion pipeline (SD 1.x/2.x or SDXL), with a parity check against the PyTorch modules.
 
-The folder is the layout diffusers' `OnnxStableDiffusionPipeline` loads (and `OnnxStableDiffusion` runs):
+An SD 1.x/2.x folder is the layout diffusers' `OnnxStableDiffusionPipeline` loads (and `OnnxStableDiffusion` runs):
 
     model_index.json
     text_encoder/model.onnx  input_ids [batch, sequence] int32 -> last_hidden_state, pooler_output
@@ -11,6 +11,15 @@ The folder is the layout diffusers' `OnnxStableDiffusionPipeline` loads (and `On
     <component>/config.json  the PyTorch module's config (latent size, the VAE's scaling factor)
     tokenizer/, scheduler/
     parity.json              the measured errors
+
+An SDXL folder is the layout of optimum's ONNX SDXL export, which optimum's `ORTStableDiffusionXLPipeline` loads (and
+`OnnxStableDiffusionXL` runs): `model_index.json` is the PyTorch pipeline's own (`StableDiffusionXLPipeline`), and
+
+    text_encoder/model.onnx    input_ids -> last_hidden_state, pooler_output, hidden_states.0 ... hidden_states.<layers>
+    text_encoder_2/model.onnx  input_ids -> text_embeds (the pooled embedding), last_hidden_state, hidden_states.*
+    unet/model.onnx            sample, timestep (a scalar), encoder_hidden_states, text_embeds [batch, P],
+                               time_ids [batch, 6] -> out_sample
+    vae_encoder/, vae_decoder/ as above; tokenizer/, tokenizer_2/, scheduler/
 
 Batch, sequence, height and width are dynamic axes. A component whose weights pass protobuf's 2 GB limit
 keeps them in one `weights.pb` beside its `model.onnx`.
@@ -36,8 +45,9 @@ from torch import nn
 
 from sdpipe.config.export import ExportParams
 from sdpipe.errors import SdpipeError
-from sdpipe.export.onnx_pipeline import OnnxStableDiffusion, execution_providers, inference_session
+from sdpipe.export.onnx_pipeline import execution_providers, inference_session, load_onnx_pipeline
 from sdpipe.export.ort_optimizer import convert_to_fp16, optimize_for_cuda
+from sdpipe.families import SDXL, pipeline_family
 from sdpipe.io import atomic_path
 from sdpipe.progress import log
 
@@ -46,6 +56,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GB less room for the graph itself
 # Parity inputs: (batch, width factor, timesteps). The first is how pipelines call the UNet (one timestep for a
 # batch of two, the guidance pair); the second checks the dynamic axes at a new batch size and width.
 PARITY_CASES = ((2, 1, 1), (1, 2, 1))
+CHECK_GUIDANCE = 7.5  # classifier-free guidance of the end-to-end check (both sides are given it)
 CHECK_LATENT_SIZE = 32  # latent side of the trace, the parity inputs and the end-to-end image (256 px for SD 1.x)
 
 
@@ -54,13 +65,18 @@ CHECK_LATENT_SIZE = 32  # latent side of the trace, the parity inputs and the en
 
 
 class TextEncoderGraph(nn.Module):
-    def __init__(self, text_encoder):
+    """The text encoder's two outputs (`CLIPTextModel`: last_hidden_state, pooler_output; `CLIPTextModelWithProjection`:
+    text_embeds, last_hidden_state), then, with `hidden_states`, every layer's hidden state (SDXL's context is the
+    penultimate one)."""
+
+    def __init__(self, text_encoder, hidden_states: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
+        self.hidden_states = hidden_states
 
     def forward(self, input_ids):
-        last_hidden_state, pooler_output = self.text_encoder(input_ids, return_dict=False)[:2]
-        return last_hidden_state, pooler_output
+        outputs = self.text_encoder(input_ids, output_hidden_states=self.hidden_states, return_dict=False)
+        return (outputs[0], outputs[1], *outputs[2]) if self.hidden_states else (outputs[0], outputs[1])
 
 
 class UNetGraph(nn.Module):
@@ -70,6 +86,14 @@ class UNetGraph(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class SdxlUNetGraph(UNetGraph):
+    """SDXL's UNet with its added conditioning (the pooled text embedding and the size and crop time ids) as inputs."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeEncoderGraph(nn.Module):
@@ -102,40 +126,85 @@ class GraphSpec:
 
 
 def graph_specs(pipe) -> dict[str, GraphSpec]:
+    """Each component's graph, by folder name: SD 1.x/2.x as diffusers' ONNX pipeline reads them, SDXL as optimum's."""
     image_axes = {0: "batch", 2: "height", 3: "width"}
-    return {
-        "text_encoder": GraphSpec(
-            TextEncoderGraph(pipe.text_encoder),
-            {"input_ids": {0: "batch", 1: "sequence"}},
-            {"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"}},
-        ),
-        "unet": GraphSpec(
+    sequence_axes = {0: "batch", 1: "sequence"}
+    if pipeline_family(pipe) is not SDXL:
+        text_encoders = {
+            "text_encoder": GraphSpec(
+                TextEncoderGraph(pipe.text_encoder),
+                {"input_ids": sequence_axes},
+                {"last_hidden_state": sequence_axes, "pooler_output": {0: "batch"}},
+            )
+        }
+        unet = GraphSpec(
             UNetGraph(pipe.unet),
+            {"sample": image_axes, "timestep": {0: "timestep_batch"}, "encoder_hidden_states": sequence_axes},
+            {"out_sample": image_axes},
+        )
+    else:
+        text_encoders = {}
+        for component in SDXL.text_encoders:
+            text_encoder = getattr(pipe, component)
+            layers = {f"hidden_states.{i}": sequence_axes for i in range(text_encoder.config.num_hidden_layers + 1)}
+            first = (
+                {"text_embeds": {0: "batch"}, "last_hidden_state": sequence_axes}
+                if hasattr(text_encoder, "text_projection")
+                else {"last_hidden_state": sequence_axes, "pooler_output": {0: "batch"}}
+            )
+            text_encoders[component] = GraphSpec(
+                TextEncoderGraph(text_encoder, hidden_states=True), {"input_ids": sequence_axes}, {**first, **layers}
+            )
+        unet = GraphSpec(
+            SdxlUNetGraph(pipe.unet),
             {
                 "sample": image_axes,
-                "timestep": {0: "timestep_batch"},
-                "encoder_hidden_states": {0: "batch", 1: "sequence"},
+                "timestep": {},  # a scalar, as optimum exports it (one timestep for the whole batch)
+                "encoder_hidden_states": sequence_axes,
+                "text_embeds": {0: "batch"},
+                "time_ids": {0: "batch"},
             },
             {"out_sample": image_axes},
-        ),
+        )
+    return {
+        **text_encoders,
+        "unet": unet,
         "vae_encoder": GraphSpec(VaeEncoderGraph(pipe.vae), {"sample": image_axes}, {"latent_sample": image_axes}),
         "vae_decoder": GraphSpec(VaeDecoderGraph(pipe.vae), {"latent_sample": image_axes}, {"sample": image_axes}),
     }
+
+
+def component_module(pipe, component: str) -> nn.Module:
+    """The PyTorch module a component's graph runs: a text encoder, the UNet or the VAE."""
+    return pipe.vae if component.startswith("vae_") else getattr(pipe, component)
+
+
+def torch_modules(pipe) -> list[nn.Module]:
+    return [getattr(pipe, name) for name in (*pipeline_family(pipe).text_encoders, "unet", "vae")]
 
 
 def example_inputs(
     pipe, component: str, generator: torch.Generator, batch: int = 2, width_factor: int = 1, timesteps: int = 2
 ) -> dict:
     """Random inputs of the export shape (`width_factor` 1) or wider, as torch tensors by input name; the UNet gets
-    `timesteps` timesteps (1, or one per batch item)."""
+    `timesteps` timesteps (1, or one per batch item; SDXL's one scalar)."""
     unet, vae = pipe.unet.config, pipe.vae.config
     latent = check_latent_size(pipe)
     latent_shape = (batch, unet.in_channels, latent, latent * width_factor)
     scale = 2 ** (len(vae.block_out_channels) - 1)
     sequence = pipe.tokenizer.model_max_length
-    if component == "text_encoder":
-        vocab = pipe.text_encoder.config.vocab_size
+    if component.startswith("text_encoder"):
+        vocab = getattr(pipe, component).config.vocab_size
         return {"input_ids": torch.randint(0, vocab, (batch, sequence), generator=generator, dtype=torch.int32)}
+    if component == "unet" and pipeline_family(pipe) is SDXL:
+        pooled_width = pipe.text_encoder_2.config.projection_dim
+        return {
+            "sample": torch.randn(latent_shape, generator=generator),
+            "timestep": torch.randint(0, 1000, (), generator=generator).float(),
+            "encoder_hidden_states": torch.randn(batch, sequence, unet.cross_attention_dim, generator=generator),
+            "text_embeds": torch.randn(batch, pooled_width, generator=generator),
+            "time_ids": torch.randint(0, 1024, (batch, 6), generator=generator).float(),  # sizes and crops in pixels
+        }
     if component == "unet":
         return {
             "sample": torch.randn(latent_shape, generator=generator),
@@ -161,7 +230,8 @@ def check_latent_size(pipe) -> int:
 def export_onnx(
     pipe, out_dir: str | Path, settings: ExportParams, seed: int = 0, model: str = "", release_weights: bool = False
 ) -> dict:
-    """Exports `pipe` (a diffusers `StableDiffusionPipeline`) to `out_dir` and returns the parity report.
+    """Exports `pipe` (a diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline`) to `out_dir` and returns
+    the parity report.
 
     Every PyTorch output the checks compare with (each component's on the parity inputs, the end-to-end image) is
     computed first; then, with `release_weights` (the export stage's), the pipeline's weights are freed (it is unusable
@@ -180,7 +250,7 @@ def export_onnx(
         require_onnxscript()
     if pipe.device.type != "cpu" or pipe.unet.dtype != torch.float32:
         pipe = pipe.to("cpu", torch.float32)  # exported and checked in fp32 on the CPU; fp16 is a graph conversion
-    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+    for module in torch_modules(pipe):
         module.eval()
     tolerance = getattr(settings.tolerance, settings.precision)
     report = {
@@ -206,7 +276,7 @@ def export_onnx(
         if settings.check_steps:
             torch_image = torch_generate(pipe, settings.check_prompt, seed=seed, steps=settings.check_steps)
         if release_weights:
-            for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+            for module in torch_modules(pipe):
                 module.to("meta")  # frees the weights: the caller's pipeline is unusable from here on
         for component, component_cases in cases.items():
             result = check_component(tmp / component / "model.onnx", component_cases, providers)
@@ -254,8 +324,8 @@ def export_component(
             if settings.precision == "fp16":
                 model = convert_to_fp16(model)
         save_onnx(model, folder / "model.onnx", always_external=settings.external_data == "always")
-    module = pipe.text_encoder if component == "text_encoder" else pipe.unet if component == "unet" else pipe.vae
-    (folder / "config.json").write_text(json.dumps(config_dict(module), indent=2, sort_keys=True) + "\n")
+    config = config_dict(component_module(pipe, component))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return fused
 
 
@@ -352,11 +422,19 @@ def config_dict(module) -> dict:
 
 
 def write_pipeline_files(pipe, folder: Path) -> None:
-    """`tokenizer/`, `scheduler/` and the `model_index.json` of diffusers' `OnnxStableDiffusionPipeline`."""
+    """`tokenizer/`, `scheduler/` and the `model_index.json` of diffusers' `OnnxStableDiffusionPipeline`; for SDXL
+    also `tokenizer_2/`, and the PyTorch pipeline's own `model_index.json`, as optimum's SDXL export writes it."""
     import diffusers
 
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    family = pipeline_family(pipe)
+    for name in family.tokenizers:
+        save_tokenizer(getattr(pipe, name), folder / name)
     pipe.scheduler.save_pretrained(folder / "scheduler")
+    if family is SDXL:
+        model_index = {key: value for key, value in dict(pipe.config).items() if key != "_name_or_path"}
+        model_index = {**model_index, "_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__}
+        (folder / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True, default=list) + "\n")
+        return
     onnx_model = ["diffusers", "OnnxRuntimeModel"]
     model_index = {
         "_class_name": "OnnxStableDiffusionPipeline",
@@ -372,6 +450,21 @@ def write_pipeline_files(pipe, folder: Path) -> None:
         "vae_encoder": onnx_model,
     }
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`save_pretrained`, plus CLIP's own `vocab.json` and `merges.txt` when the tokenizer is a BPE one: transformers 5
+    writes only `tokenizer.json`, which transformers 4's `CLIPTokenizer` (what optimum's ONNX pipelines load, on the
+    transformers 4 stacks they pin) cannot read."""
+    tokenizer.save_pretrained(folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") != "BPE" or (folder / "vocab.json").exists():
+        return
+    vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,8 +507,9 @@ def check_generation(folder: Path, settings: ExportParams, seed: int, providers:
     """One image from onnxruntime against the PyTorch pipeline's (`torch_generate`), same prompt, seed and scheduler."""
     log(f"export: end-to-end check, {settings.check_steps} steps")
     height, width = torch_image.shape[1:3]  # the size `torch_generate` drew at
-    onnx_image = OnnxStableDiffusion(folder, providers)(
-        settings.check_prompt, seed=seed, steps=settings.check_steps, height=height, width=width
+    onnx_image = load_onnx_pipeline(folder, providers)(
+        settings.check_prompt, seed=seed, steps=settings.check_steps, guidance_scale=CHECK_GUIDANCE, height=height,
+        width=width,
     )
     difference = np.abs(onnx_image - torch_image)
     return {
@@ -428,7 +522,7 @@ def check_generation(folder: Path, settings: ExportParams, seed: int, providers:
 
 
 @torch.no_grad()
-def torch_generate(pipe, prompt: str, seed: int, steps: int, guidance_scale: float = 7.5) -> np.ndarray:
+def torch_generate(pipe, prompt: str, seed: int, steps: int, guidance_scale: float = CHECK_GUIDANCE) -> np.ndarray:
     """The PyTorch pipeline's image, [1, height, width, 3] in [0, 1], latents drawn like `OnnxStableDiffusion`'s."""
     pipe.set_progress_bar_config(disable=True)
     side = check_latent_size(pipe) * pipe.vae_scale_factor
