@@ -317,3 +317,36 @@ def test_a_model_with_one_file_per_tensor_is_gathered_into_weights_pb_one_tensor
         for path in (tmp_path / "plain.onnx", tmp_path / "out" / "model.onnx")
     )
     np.testing.assert_array_equal(actual[0], expected[0])
+
+
+def test_a_unet_over_protobufs_limit_is_written_with_external_data_and_runs_in_onnxruntime(pipe, tmp_path):
+    """A real export past 2 GB (every real UNet in fp32): a wide random UNet of 656M parameters (2.62 GB), exported by
+    the TorchScript exporter (which writes one file per tensor), gathered into one `weights.pb`, loaded by
+    onnxruntime and checked against PyTorch."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    if shutil.disk_usage(tmp_path).free < 8 * 2**30:
+        pytest.skip("needs 8 GiB free for the 2.2 GB UNet's raw and gathered exports")
+    torch.manual_seed(0)
+    wide_unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(1536, 1536), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=pipe.text_encoder.config.hidden_size,  # the middle block attends to the text
+    ).eval()
+    weight_bytes = sum(parameter.numel() * 4 for parameter in wide_unet.parameters())
+    assert weight_bytes > 2**31  # past what one protobuf message can hold
+    wide = copy.copy(pipe)
+    wide.unet = wide_unet
+    spec = onnx_export.graph_specs(wide)["unet"]
+    folder = tmp_path / "onnx" / "unet"
+    folder.parent.mkdir()
+    onnx_export.export_component(wide, "unet", spec, folder, tmp_path / "raw", ExportParams(), seed=0)
+    model_file, weights_file = folder / "model.onnx", folder / onnx_export.EXTERNAL_DATA_FILE
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.onnx", onnx_export.EXTERNAL_DATA_FILE]
+    assert model_file.stat().st_size < 2**20 and weights_file.stat().st_size > 0.99 * weight_bytes  # small tensors stay inline
+    cases = onnx_export.parity_cases(wide, "unet", spec, seed=0)
+    del wide_unet, wide, spec
+    result = onnx_export.check_component(model_file, cases, execution_providers())
+    assert result["relative_error"] < 1e-3
