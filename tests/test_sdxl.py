@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -44,7 +45,7 @@ def sdxl_params(root, base_model, method, **settings):
             "train": {
                 "methods": [method],
                 "common": {"batch_size": 2, "checkpoint_every": 0, "sample_every": 2, "lr_warmup_steps": 0},
-                method: {"datasets": ["star"], "max_steps": 2, "learning_rate": 1e-3, **settings},
+                method: {"max_steps": 2, "learning_rate": 1e-3, **({"datasets": ["star"]} | settings)},
             },
         }
     )
@@ -118,11 +119,19 @@ def test_sdxl_single_file_has_the_sgm_key_names(sdxl_dir, tmp_path):
     assert not any(key.startswith("cond_stage_model.") for key in keys)
 
 
-def test_methods_without_sdxl_refuse_an_sdxl_base_by_name(sdxl_dir, write_star_dataset, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("aesthetic_gradient", r"train.aesthetic_gradient does not train Stable Diffusion XL models yet"),
+        ("clip_inversion", r"train.clip_inversion cannot train Stable Diffusion XL models \(it samples with an "
+         r"image-variations model.*no SDXL release has one\)"),
+    ],
+)
+def test_methods_without_sdxl_refuse_an_sdxl_base_by_name(method, message, sdxl_dir, write_star_dataset, tmp_path):
     write_star_dataset(tmp_path, time_ids=True)
-    params = sdxl_params(tmp_path, sdxl_dir, "hypernetwork")
-    with pytest.raises(SdpipeError, match=r"train.hypernetwork does not train Stable Diffusion XL models yet.*: textual_inversion, finetune, dreambooth"):
-        METHODS["hypernetwork"].train(params, tmp_path / "train" / "hypernetwork")
+    params = sdxl_params(tmp_path, sdxl_dir, "textual_inversion")  # the family is checked first, from params.base
+    with pytest.raises(SdpipeError, match=message + r".*the methods that do: textual_inversion, finetune, dreambooth"):
+        METHODS[method].train(params, tmp_path / "train" / method)
     assert not (tmp_path / "train").exists()
 
 
@@ -339,8 +348,8 @@ def test_a_familys_method_settings_change_only_what_they_name_and_are_checked_as
         data["sdxl"]["train"] = {"dreambooth": changes}
         with pytest.raises(ParamsError, match=re.escape(problem)):
             parse_params(data)
-    data["sdxl"]["train"] = {"hypernetwork": {"max_steps": 9}}  # not a method that trains SDXL
-    with pytest.raises(ParamsError, match=r"sdxl\.train\.hypernetwork"):
+    data["sdxl"]["train"] = {"aesthetic_gradient": {"max_steps": 9}}  # not a method that trains SDXL
+    with pytest.raises(ParamsError, match=r"sdxl\.train\.aesthetic_gradient"):
         parse_params(data)
 
 
@@ -384,9 +393,93 @@ def test_an_extra_familys_rows_are_scored_by_the_main_bases_clip(tmp_path):
 
     (tmp_path / "base" / "clip").mkdir(parents=True)
     (tmp_path / "base" / "clip" / "config.json").write_text("{}")
-    data = {"base": {"base_model": str(tmp_path / "base"), "datasets": ["star"], "extra_families": ["sdxl"]}}
+    data = {"base": {"base_model": str(tmp_path / "base"), "datasets": ["star"], "extra_families": ["sdxl"]},
+            "sdxl": {"methods": ["lora"]}}
     assert family_view(parse_params(data), "sdxl").evaluate.clip_model == str(tmp_path / "base" / "clip")
     data["evaluate"] = {"clip_model": "my_clip"}
     assert family_view(parse_params(data), "sdxl").evaluate.clip_model == "my_clip"
-    data = {"base": {"base_model": str(tmp_path / "none"), "datasets": ["star"], "extra_families": ["sdxl"]}}
+    data = {"base": {"base_model": str(tmp_path / "none"), "datasets": ["star"], "extra_families": ["sdxl"]},
+            "sdxl": {"methods": ["lora"]}}
     assert family_view(parse_params(data), "sdxl").evaluate.clip_model is None
+
+
+def test_hypernetwork_on_sdxl_is_keyed_by_the_concatenated_context_width(sdxl_dir, write_star_dataset, tmp_path):
+    from sdpipe.formats.pickled import load_pickled
+
+    write_star_dataset(tmp_path, time_ids=True)
+    params = sdxl_params(tmp_path, sdxl_dir, "hypernetwork")
+    METHODS["hypernetwork"].train(params, tmp_path / "train" / "hypernetwork")
+    model_dir = tmp_path / "train" / "hypernetwork" / "model"
+    data = load_pickled(model_dir / "hypernetwork.pt")
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    width = base.text_encoder.config.hidden_size + base.text_encoder_2.config.hidden_size  # SDXL's context
+    assert width == base.unet.config.cross_attention_dim and width in data  # beside the self-attention widths
+
+    pipeline, _ = METHODS["hypernetwork"].sampling_pipeline(params, model_dir, torch.device("cpu"))
+    cross_attention = [name for name, layer in pipeline.unet.attn_processors.items() if name.endswith("attn2.processor")]
+    hypernetwork_layers = [name for name, processor in pipeline.unet.attn_processors.items()
+                           if type(processor).__name__ == "HypernetworkAttnProcessor"]
+    assert cross_attention and set(cross_attention) <= set(hypernetwork_layers)  # every block's cross-attention
+    images = [
+        pipe("a red sks shape", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+        for pipe in (pipeline, base)
+    ]
+    assert not np.allclose(images[0], images[1])
+
+
+def test_dreamartist_on_sdxl_writes_positive_and_negative_sdxl_embeddings(sdxl_dir, write_star_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    write_star_dataset(tmp_path, time_ids=True)
+    params = sdxl_params(tmp_path, sdxl_dir, "dreamartist", learning_rate=0.05, negative_num_vectors=2)
+    METHODS["dreamartist"].train(params, tmp_path / "train" / "dreamartist")
+    model_dir = tmp_path / "train" / "dreamartist" / "model"
+    positive, negative = load_file(model_dir / "sks.safetensors"), load_file(model_dir / "sks-neg.safetensors")
+    assert {key: list(tensor.shape) for key, tensor in positive.items()} == {"clip_l": [1, 64], "clip_g": [1, 96]}
+    assert {key: list(tensor.shape) for key, tensor in negative.items()} == {"clip_l": [2, 64], "clip_g": [2, 96]}
+
+    pipeline, token = METHODS["dreamartist"].sampling_pipeline(params, model_dir, torch.device("cpu"))
+    assert isinstance(pipeline, StableDiffusionXLPipeline) and token == "<sks>"
+    assert pipeline.negative_prompt("a red <sks> shape") == "a red <sks>-neg shape"
+    for key, tokenizer, text_encoder in (
+        ("clip_l", pipeline.tokenizer, pipeline.text_encoder),
+        ("clip_g", pipeline.tokenizer_2, pipeline.text_encoder_2),
+    ):
+        rows = text_encoder.get_input_embeddings().weight
+        torch.testing.assert_close(rows[tokenizer.convert_tokens_to_ids("<sks>")], positive[key][0], rtol=0, atol=0)
+        ids = tokenizer.convert_tokens_to_ids(["<sks>-neg", "<sks>-neg_1"])
+        torch.testing.assert_close(rows[ids], negative[key], rtol=0, atol=0)
+    image = pipeline("a red <sks> shape", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_custom_diffusion_on_sdxl_trains_every_cross_attention_and_both_encoders_token(
+    sdxl_dir, write_star_dataset, tmp_path
+):
+    from safetensors.torch import load_file
+
+    write_star_dataset(tmp_path, time_ids=True)
+    concept = {"dataset": "star", "modifier_token": "<new1>", "initializer_word": "shape", "replace_word": "sks"}
+    params = sdxl_params(tmp_path, sdxl_dir, "custom_diffusion", prior_loss_weight=0.0, datasets=None, concepts=[concept])
+    METHODS["custom_diffusion"].train(params, tmp_path / "train" / "custom_diffusion")
+    model_dir = tmp_path / "train" / "custom_diffusion" / "model"
+    token = params.train.custom_diffusion.concepts[0].modifier_token
+    embedding = load_file(model_dir / f"{token}.safetensors")
+    assert {key: list(tensor.shape) for key, tensor in embedding.items()} == {"clip_l": [1, 64], "clip_g": [1, 96]}
+    weights = load_file(model_dir / "pytorch_custom_diffusion_weights.safetensors")
+    base = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    cross_attention = sorted(name for name in base.unet.attn_processors if name.endswith("attn2.processor"))
+    trained = sorted({key.rsplit(".", 2)[0] for key in weights if key.endswith("to_k_custom_diffusion.weight")})
+    assert trained == cross_attention
+    assert all(weights[f"{name}.to_k_custom_diffusion.weight"].shape[1] == base.unet.config.cross_attention_dim
+               for name in trained)
+
+    pipeline, prompt_token = METHODS["custom_diffusion"].sampling_pipeline(params, model_dir, torch.device("cpu"))
+    assert prompt_token == token
+    for key, tokenizer, text_encoder in (
+        ("clip_l", pipeline.tokenizer, pipeline.text_encoder),
+        ("clip_g", pipeline.tokenizer_2, pipeline.text_encoder_2),
+    ):
+        row = text_encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
+        torch.testing.assert_close(row, embedding[key][0], rtol=0, atol=0)
+    assert pipeline(f"a red {token} shape", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)

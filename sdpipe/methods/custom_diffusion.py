@@ -18,6 +18,11 @@ of its cross-attention layers, and one new token per concept, as diffusers' `tra
    `pipe.load_textual_inversion(path, token="<new1>")` reads. The attention layers without trained weights are
    listed as empty tensors, where diffusers' pickled `.bin` holds empty dicts (which safetensors cannot store):
    `load_attn_procs` needs one entry per attention layer to install the processors.
+
+On an SDXL base the cross-attention of every transformer block trains (their context is both text encoders' hidden
+states side by side), each modifier token is added to both text encoders, and its file holds `clip_l` and `clip_g`
+(the SDXL embedding layout textual inversion writes; diffusers: `load_textual_inversion` of each tensor with its
+encoder and tokenizer).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import CustomDiffusionParams
 from sdpipe.data.captions import load_captions
 from sdpipe.errors import SdpipeError
+from sdpipe.formats.embeddings import Embedding, load_into_pipeline, save_sdxl_embedding
 from sdpipe.io import save_safetensors
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, TrainingMethod, run_training
@@ -72,7 +78,7 @@ def load_custom_diffusion(pipeline, model_dir: Path, tokens: list[str]) -> None:
     if not any(isinstance(processor, CustomDiffusionAttnProcessor) for processor in processors):
         raise SdpipeError(f"{model_dir / WEIGHTS_FILE}: diffusers loaded no custom-diffusion weights from it")
     for token in tokens:
-        pipeline.load_textual_inversion(str(model_dir / f"{token}.safetensors"), token=token)
+        load_into_pipeline(pipeline, model_dir / f"{token}.safetensors", token)
 
 
 def check_captions(settings: CustomDiffusionParams, captions_dir: Path) -> None:
@@ -138,29 +144,34 @@ class CustomDiffusion(TokenRowsTraining, TrainingMethod):
         if not self.processors:
             raise SdpipeError("base.base_model: its UNet has no cross-attention layers for Custom Diffusion to train")
 
-        token_ids = []
-        for index, concept in enumerate(self.params.concepts):
-            token_ids += add_tokens(
-                models.tokenizer,
-                models.text_encoder,
-                [concept.modifier_token],
-                concept.initializer_word,
-                token_key=f"{KEY}.concepts[{index}].modifier_token",
-                word_key=f"{KEY}.concepts[{index}].initializer_word",
-            )
-        self.train_token_rows(models.text_encoder, token_ids)
+        self.trained_models = ("unet", *models.family.text_encoders)
+        for tokenizer, text_encoder in zip(models.tokenizers, models.text_encoders):  # SDXL: both
+            token_ids = []
+            for index, concept in enumerate(self.params.concepts):
+                token_ids += add_tokens(
+                    tokenizer,
+                    text_encoder,
+                    [concept.modifier_token],
+                    concept.initializer_word,
+                    token_key=f"{KEY}.concepts[{index}].modifier_token",
+                    word_key=f"{KEY}.concepts[{index}].initializer_word",
+                )
+            self.train_token_rows(text_encoder, token_ids)
 
     def attention_parameters(self) -> list[torch.nn.Parameter]:
         return [parameter for processor in self.processors for parameter in processor.parameters()]
 
+    def token_parameters(self) -> list[torch.nn.Parameter]:
+        return [rows.embeddings for rows in self.token_rows]
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self.attention_parameters() + [self.embeddings]
+        return self.attention_parameters() + self.token_parameters()
 
     def parameter_groups(self) -> list[dict]:
         """The attention weights at `learning_rate`, the token embeddings at `token_learning_rate`."""
         return [
             {"params": self.attention_parameters()},
-            {"params": [self.embeddings], "lr": self.params.token_learning_rate},
+            {"params": self.token_parameters(), "lr": self.params.token_learning_rate},
         ]
 
     def prior_preservation(self) -> PriorPreservation | None:
@@ -196,13 +207,13 @@ class CustomDiffusion(TokenRowsTraining, TrainingMethod):
             folder / WEIGHTS_FILE,
             {"format": "pt"},
         )
-        embeddings = models.text_encoder.get_input_embeddings().weight.detach()
-        for concept, token_id in zip(self.params.concepts, self.token_ids, strict=True):
-            vector = embeddings[token_id].float().cpu().clone()
-            save_safetensors(
-                {concept.modifier_token: vector},
-                folder / f"{concept.modifier_token}.safetensors",
-            )
+        for index, concept in enumerate(self.params.concepts):
+            path = folder / f"{concept.modifier_token}.safetensors"
+            vectors = [rows.embeddings.detach()[rows.token_ids[index]].float().cpu().clone() for rows in self.token_rows]
+            if len(vectors) == 1:
+                save_safetensors({concept.modifier_token: vectors[0]}, path)
+            else:  # SDXL: one row per text encoder
+                save_sdxl_embedding([Embedding(vector[None], concept.modifier_token, {}) for vector in vectors], path)
 
 
 def custom_diffusion_state_dict(unet) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ negative token, as A1111's DreamArtist extension trains it:
 4. With `reconstruction_loss_weight` (the reference's "reconstruction"), the clean latents that the guided
    prediction implies are decoded by the VAE and compared (L1) with the decoding of the image's latents.
 5. `save` writes `<name>.safetensors` and `<name>-neg.safetensors` (A1111/kohya: one key `emb_params`,
-   [num_vectors, hidden]); `<name>` is the placeholder token without `<`, `>` (`sks`). A1111 and ComfyUI take the
+   [num_vectors, hidden]; SDXL: `clip_l` and `clip_g`, both text encoders' rows, as textual inversion writes them);
+   `<name>` is the placeholder token without `<`, `>` (`sks`). A1111 and ComfyUI take the
    prompt word from the file name: `sks` in the prompt and `sks-neg` in the negative prompt (ComfyUI:
    `embedding:sks`, `embedding:sks-neg`); diffusers: `<sks>` and `<sks>-neg` after `load_textual_inversion`. Use
    them at a guidance scale near `cfg_scale`. Each embedding is one file (no A1111 `.pt` beside it, which would
@@ -27,19 +28,25 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sdpipe.config.train import DreamArtistParams
 from sdpipe.errors import SdpipeError
-from sdpipe.families import Conditioning
+from sdpipe.families import SDXL, Conditioning, pipeline_family
 from sdpipe.formats.a1111 import checkpoint_hash
-from sdpipe.formats.embeddings import Embedding, file_stem, save_safetensors_embedding
+from sdpipe.formats.embeddings import (
+    Embedding,
+    file_stem,
+    load_into_pipeline,
+    save_safetensors_embedding,
+    save_sdxl_embedding,
+)
 from sdpipe.models.loading import load_pipeline, load_vae
 from sdpipe.training import Models, run_training
 from sdpipe.training.diffusion import predicted_latents
 from sdpipe.training.method import PredictedBatch
 from sdpipe.training.rng import torch_generator
-from sdpipe.training.tokens import PlaceholderTokenTraining
+from sdpipe.training.tokens import PlaceholderTokenTraining, TokenRows
 
 NEGATIVE_SUFFIX = "-neg"
 NEGATIVE_INIT_NOISE = 1e-3  # the reference's: the negative vectors start at the initializer word plus this much noise
@@ -61,9 +68,10 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     token, negative = settings.placeholder_token, negative_token(settings.placeholder_token)
     stem = file_stem(token, "train.dreamartist.placeholder_token")
     base = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
-    pipeline = DreamArtistPipeline.from_pipe(base)
-    pipeline.load_textual_inversion(str(model_dir / f"{stem}.safetensors"), token=token)
-    pipeline.load_textual_inversion(str(model_dir / f"{stem}{NEGATIVE_SUFFIX}.safetensors"), token=negative)
+    pipeline_class = DreamArtistXLPipeline if pipeline_family(base) is SDXL else DreamArtistPipeline
+    pipeline = pipeline_class.from_pipe(base)
+    load_into_pipeline(pipeline, model_dir / f"{stem}.safetensors", token)
+    load_into_pipeline(pipeline, model_dir / f"{stem}{NEGATIVE_SUFFIX}.safetensors", negative)
     pipeline.positive_token, pipeline.negative_token = token, negative
     return pipeline, token
 
@@ -78,10 +86,10 @@ def replace_token(text: str, token: str, replacement: str) -> str:
     return re.sub(rf"{re.escape(token)}(?![\w-])", lambda _: replacement, text)
 
 
-class DreamArtistPipeline(StableDiffusionPipeline):
-    """A `StableDiffusionPipeline` that, when called without a negative prompt, uses for each prompt naming
-    `positive_token` that prompt with `negative_token` in its place (what the embeddings were trained with, and
-    what the reference samples its previews with); prompts without the token keep the empty negative prompt."""
+class DreamArtistPrompts:
+    """A pipeline that, when called without a negative prompt, uses for each prompt naming `positive_token` that
+    prompt with `negative_token` in its place (what the embeddings were trained with, and what the reference samples
+    its previews with); prompts without the token keep the empty negative prompt."""
 
     positive_token = "<sks>"
     negative_token = "<sks>-neg"
@@ -98,6 +106,14 @@ class DreamArtistPipeline(StableDiffusionPipeline):
         return negative if negative != prompt else ""
 
 
+class DreamArtistPipeline(DreamArtistPrompts, StableDiffusionPipeline):
+    """DreamArtist's negative prompts on a `StableDiffusionPipeline`."""
+
+
+class DreamArtistXLPipeline(DreamArtistPrompts, StableDiffusionXLPipeline):
+    """DreamArtist's negative prompts on a `StableDiffusionXLPipeline`."""
+
+
 class DreamArtist(PlaceholderTokenTraining):
     """Trains a positive and a negative embedding (new rows of the token-embedding matrix); the models stay frozen."""
 
@@ -112,33 +128,39 @@ class DreamArtist(PlaceholderTokenTraining):
         self.negative_tokens = [negative] + [f"{negative}_{i}" for i in range(1, params.negative_num_vectors)]
         self.negative_text = " ".join(self.negative_tokens)
         self.tokens = self.positive_tokens + self.negative_tokens  # what `PlaceholderTokenTraining.setup` adds
-        self.negative_rows_before_step: torch.Tensor | None = None
+        self.negative_rows_before_step: list[torch.Tensor] | None = None  # per text encoder
         self.base_model_config = base_model_config
         self.vae = None  # loaded by `setup` when the reconstruction loss is on
 
     def setup(self, models: Models) -> None:
-        """Adds both embeddings: the positive one from `initializer_word`, the negative one from
-        `negative_initializer_word` plus noise."""
+        """Adds both embeddings to every text encoder of the family: the positive one from `initializer_word`, the
+        negative one from `negative_initializer_word` plus noise."""
         super().setup(models)
-        positive_ids = self.token_ids[: len(self.positive_tokens)]
-        self.negative_ids = self.token_ids[len(self.positive_tokens) :]
         negative_word = self.params.negative_initializer_word or self.params.initializer_word
         generator = torch_generator(self.seed, "dreamartist negative embedding")
         with torch.no_grad():
-            self.initialize(models.tokenizer, positive_ids, self.params.initializer_word, "initializer_word")
-            self.initialize(models.tokenizer, self.negative_ids, negative_word, "negative_initializer_word")
-            noise = torch.randn(len(self.negative_ids), self.embeddings.shape[1], generator=generator)
-            self.embeddings[self.negative_ids] += NEGATIVE_INIT_NOISE * noise.to(self.embeddings.dtype)
+            for tokenizer, rows in zip(models.tokenizers, self.token_rows):
+                positive_ids, negative_ids = self.positive_ids(rows), self.negative_ids(rows)
+                self.initialize(tokenizer, rows, positive_ids, self.params.initializer_word, "initializer_word")
+                self.initialize(tokenizer, rows, negative_ids, negative_word, "negative_initializer_word")
+                noise = torch.randn(len(negative_ids), rows.embeddings.shape[1], generator=generator)
+                rows.embeddings[negative_ids] += NEGATIVE_INIT_NOISE * noise.to(rows.embeddings.dtype)
         if self.params.reconstruction_loss_weight > 0:
             self.vae = load_vae(self.base_model, self.base_model_config, device=models.device).requires_grad_(False).eval()
 
-    def initialize(self, tokenizer, token_ids: list[int], word: str, key: str) -> None:
+    def positive_ids(self, rows: TokenRows) -> list[int]:
+        return rows.token_ids[: len(self.positive_tokens)]
+
+    def negative_ids(self, rows: TokenRows) -> list[int]:
+        return rows.token_ids[len(self.positive_tokens) :]
+
+    def initialize(self, tokenizer, rows: TokenRows, token_ids: list[int], word: str, key: str) -> None:
         """Starts the rows `token_ids` from the embeddings of `word`'s tokens, spread over them as A1111 does."""
         init_ids = tokenizer(word, add_special_tokens=False).input_ids
         if not init_ids:
             raise SdpipeError(f"{self.params_key}.{key} {word!r} gives no tokens; use a word")
         for vector, token_id in enumerate(token_ids):
-            self.embeddings[token_id] = self.original_embeddings[init_ids[vector * len(init_ids) // len(token_ids)]]
+            rows.embeddings[token_id] = rows.original[init_ids[vector * len(init_ids) // len(token_ids)]]
 
     def negative_caption(self, caption: str) -> str:
         """The caption with the negative tokens in place of the positive ones (the reference's `uc`)."""
@@ -148,7 +170,9 @@ class DreamArtist(PlaceholderTokenTraining):
         """The positive and the negative captions' conditioning side by side (contexts [batch, 2 × tokens, hidden],
         so that a batch of them stays one row per caption)."""
         if torch.is_grad_enabled():  # a training step follows: remember the negative rows (`after_optimizer_step`)
-            self.negative_rows_before_step = self.embeddings.detach()[self.negative_ids].clone()
+            self.negative_rows_before_step = [
+                rows.embeddings.detach()[self.negative_ids(rows)].clone() for rows in self.token_rows
+            ]
         negatives = [self.negative_caption(caption) for caption in captions]
         both = super().encode_text(models, captions + negatives)
         positive, negative = both.rows(slice(0, len(captions))), both.rows(slice(len(captions), None))
@@ -203,21 +227,29 @@ class DreamArtist(PlaceholderTokenTraining):
         # AdamW's update is proportional to the learning rate (its moments do not depend on it), so scaling the
         # negative rows' update is exactly training them at their own rate, in the one embedding matrix.
         with torch.no_grad():
-            before = self.negative_rows_before_step.to(self.embeddings.device)
-            update = self.embeddings[self.negative_ids] - before
-            self.embeddings[self.negative_ids] = before + (rate / self.params.learning_rate) * update
+            for rows, before in zip(self.token_rows, self.negative_rows_before_step):
+                negative_ids, before = self.negative_ids(rows), before.to(rows.embeddings.device)
+                update = rows.embeddings[negative_ids] - before
+                rows.embeddings[negative_ids] = before + (rate / self.params.learning_rate) * update
 
     def save(self, models: Models, folder: Path, step: int) -> None:
-        vectors = self.learned_vectors()
+        """`<name>.safetensors` and `<name>-neg.safetensors`, each with textual inversion's keys and metadata."""
+        vectors = [self.learned_vectors(encoder) for encoder in range(len(self.token_rows))]  # one per text encoder
         fields = {
             "step": str(step),
             "sd_checkpoint": checkpoint_hash(self.base_model),
             "sd_checkpoint_name": Path(self.base_model).stem,
         }
-        positive_count = len(self.positive_tokens)
+        positive = slice(0, len(self.positive_tokens))
+        negative = slice(len(self.positive_tokens), None)
         files = (
-            (self.file_stem, self.positive_tokens[0], vectors[:positive_count]),
-            (self.file_stem + NEGATIVE_SUFFIX, self.negative_tokens[0], vectors[positive_count:]),
+            (self.file_stem, self.positive_tokens[0], positive),
+            (self.file_stem + NEGATIVE_SUFFIX, self.negative_tokens[0], negative),
         )
         for stem, token, rows in files:
-            save_safetensors_embedding(Embedding(rows.contiguous(), token, fields), folder / f"{stem}.safetensors")
+            embeddings = [Embedding(encoder_vectors[rows].contiguous(), token, fields) for encoder_vectors in vectors]
+            path = folder / f"{stem}.safetensors"
+            if len(embeddings) == 1:
+                save_safetensors_embedding(embeddings[0], path)
+            else:  # SDXL: one tensor per text encoder
+                save_sdxl_embedding(embeddings, path)

@@ -65,6 +65,9 @@ class Method:
     families: tuple[str, ...] = ("sd",)
     """The model families (`sdpipe.families`) it trains; a base of another family is refused before any work."""
 
+    never: dict[str, str] | None = None
+    """Families it cannot train at all, by name, with the reason (the refusal says it instead of "not yet")."""
+
     @property
     def module_name(self) -> str:
         return f"sdpipe.methods.{self.name}"
@@ -86,9 +89,10 @@ class Method:
         family = model_family(base.base_model, base.base_model_config)
         if family.name not in self.families:
             able = ", ".join(name for name, method in METHODS.items() if family.name in method.families)
+            reason = (self.never or {}).get(family.name)
+            cannot = f"cannot train {family.title} models ({reason})" if reason else f"does not train {family.title} models yet"
             raise SdpipeError(
-                f"train.{self.name} does not train {family.title} models yet, and base.base_model "
-                f"{base.base_model!r} is one; the methods that do: {able}"
+                f"train.{self.name} {cannot}, and base.base_model {base.base_model!r} is one; the methods that do: {able}"
             )
 
     def sampling_pipeline(self, params, model_dir, device):
@@ -140,6 +144,7 @@ METHODS: dict[str, Method] = {
             "HypernetworkParams",
             "hypernetwork",
             "A1111 hypernetwork: MLPs on the attention context (an A1111 `.pt`, which A1111 and ComfyUI load).",
+            families=("sd", "sdxl"),
         ),
         Method(
             "custom_diffusion",
@@ -147,6 +152,7 @@ METHODS: dict[str, Method] = {
             "attention_processors",
             "Custom Diffusion: cross-attention K/V and modifier tokens (diffusers `load_attn_procs` weights + "
             "embeddings).",
+            families=("sd", "sdxl"),
         ),
         Method(
             "aesthetic_gradient",
@@ -169,6 +175,7 @@ METHODS: dict[str, Method] = {
             "embedding",
             "DreamArtist: a positive and a negative embedding trained with guidance in the loss (two A1111 "
             "embeddings).",
+            families=("sd", "sdxl"),
         ),
         Method(
             "clip_inversion",
@@ -176,6 +183,10 @@ METHODS: dict[str, Method] = {
             "clip_embedding",
             "CLIP inversion: a concept vector in CLIP image-embedding space for an image-variations model.",
             own_metrics=True,
+            never={
+                "sdxl": "it samples with an image-variations model (a UNet conditioned on CLIP image embeddings), "
+                "and no SDXL release has one"
+            },
         ),
     )
 }
