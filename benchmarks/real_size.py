@@ -16,7 +16,8 @@ thing fits a 24 GB machine.
     python benchmarks/real_size.py [--arch sd15|sd2|sdxl] [--work DIR] [--stages prepare,encode,train@lora,...]
         [--dtype fp32|fp16] [--resolution 64]
 
-SDXL runs the methods that train SDXL so far (no merge or export yet: issue #22) from a checkpoint saved in fp16
+SDXL runs the methods that train SDXL (no merge: `benchmarks/merge_memory.py --arch sdxl` measures SDXL merges; no
+export: its fp32 UNet alone is 10.3 GB, not measured on a 24 GB machine yet) from a checkpoint saved in fp16
 with `--dtype fp16` (training computes in fp32 on the CPU), and checks that the LoRA's names are kohya's names of SDXL
 base 1.0's layers. Evaluate samples at the model's own size (1024 px for SDXL), which takes a long time on a CPU:
 leave its stages out with `--stages` there. Full-weight SDXL training (DreamBooth, fine-tune) is left out of the
