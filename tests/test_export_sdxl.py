@@ -136,5 +136,5 @@ def test_the_family_view_exports_sdxl_export_model_under_the_families_folder():
     view = family_view(params, "sdxl")
     assert view.export.model == "train:lora" and view.export.check_steps == 3
     assert Path(view.paths.export) == Path(params.paths.families) / "sdxl" / "export"
-    with pytest.raises(ParamsError, match=r"sdxl: .*export_model is 'train:dreamartist'"):
-        parse_params({"sdxl": {"export_model": "train:dreamartist"}})
+    with pytest.raises(ParamsError, match=r"sdxl: .*export_model is 'train:clip_inversion'"):
+        parse_params({"sdxl": {"export_model": "train:clip_inversion"}})
