@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from sdpipe.errors import SdpipeError
+from sdpipe.families import SDXL, family_of_class
+from sdpipe.families.base import token_ids
 
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-SDXL_CLASS = "StableDiffusionXLPipeline"  # the `_class_name` of an SDXL export's model_index.json
 ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -103,14 +103,9 @@ class OnnxStableDiffusion:
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.scaling_factor = vae_config.get("scaling_factor", 0.18215)
 
-    def token_ids(self, tokenizer, prompts: list[str]) -> np.ndarray:
-        return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
-        ).input_ids
-
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """The text encoder's last hidden state for each prompt, padded to the tokenizer's maximum length."""
-        return self.components["text_encoder"](input_ids=self.token_ids(self.tokenizer_objects[0], prompts))[0]
+        return self.components["text_encoder"](input_ids=token_ids(self.tokenizer_objects[0], prompts).numpy())[0]
 
     def unet_conditioning(self, prompts: list[str], negatives: list[str] | None, guided: bool, size: tuple) -> dict:
         """The UNet's conditioning inputs for the prompts, after the negative ones when `guided` (the empty prompt's
@@ -193,7 +188,7 @@ class OnnxStableDiffusionXL(OnnxStableDiffusion):
         contexts, pooled = [], None
         for name, tokenizer in zip(self.text_encoders, self.tokenizer_objects):
             encoder = self.components[name]
-            outputs = encoder.named(input_ids=self.token_ids(tokenizer, prompts))
+            outputs = encoder.named(input_ids=token_ids(tokenizer, prompts).numpy())
             contexts.append(outputs[f"hidden_states.{encoder.config['num_hidden_layers'] - 1}"])
             pooled = outputs.get("text_embeds", pooled)
         return np.concatenate(contexts, axis=-1), pooled
@@ -215,7 +210,7 @@ def load_onnx_pipeline(folder: str | Path, providers: list[str] | None = None, t
     """The runner an exported folder needs: `OnnxStableDiffusionXL` for an SDXL export, else `OnnxStableDiffusion`."""
     index = Path(folder) / "model_index.json"
     class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    runner = OnnxStableDiffusionXL if class_name == SDXL_CLASS else OnnxStableDiffusion
+    runner = OnnxStableDiffusionXL if family_of_class(class_name) is SDXL else OnnxStableDiffusion
     return runner(folder, providers, threads)
 
 
