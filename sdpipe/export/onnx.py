@@ -57,6 +57,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GB less room for the graph itself
 # batch of two, the guidance pair); the second checks the dynamic axes at a new batch size and width.
 PARITY_CASES = ((2, 1, 1), (1, 2, 1))
 CHECK_GUIDANCE = 7.5  # classifier-free guidance of the end-to-end check (both sides are given it)
+SEQUENCE_AXES = {0: "batch", 1: "sequence"}
 CHECK_LATENT_SIZE = 32  # latent side of the trace, the parity inputs and the end-to-end image (256 px for SD 1.x)
 
 
@@ -128,39 +129,23 @@ class GraphSpec:
 def graph_specs(pipe) -> dict[str, GraphSpec]:
     """Each component's graph, by folder name: SD 1.x/2.x as diffusers' ONNX pipeline reads them, SDXL as optimum's."""
     image_axes = {0: "batch", 2: "height", 3: "width"}
-    sequence_axes = {0: "batch", 1: "sequence"}
-    if pipeline_family(pipe) is not SDXL:
-        text_encoders = {
-            "text_encoder": GraphSpec(
-                TextEncoderGraph(pipe.text_encoder),
-                {"input_ids": sequence_axes},
-                {"last_hidden_state": sequence_axes, "pooler_output": {0: "batch"}},
-            )
-        }
+    family = pipeline_family(pipe)
+    sdxl = family is SDXL
+    # SDXL's context is the encoders' penultimate hidden states: every layer's is an output, as optimum exports them
+    text_encoders = {name: text_encoder_spec(getattr(pipe, name), hidden_states=sdxl) for name in family.text_encoders}
+    if not sdxl:
         unet = GraphSpec(
             UNetGraph(pipe.unet),
-            {"sample": image_axes, "timestep": {0: "timestep_batch"}, "encoder_hidden_states": sequence_axes},
+            {"sample": image_axes, "timestep": {0: "timestep_batch"}, "encoder_hidden_states": SEQUENCE_AXES},
             {"out_sample": image_axes},
         )
     else:
-        text_encoders = {}
-        for component in SDXL.text_encoders:
-            text_encoder = getattr(pipe, component)
-            layers = {f"hidden_states.{i}": sequence_axes for i in range(text_encoder.config.num_hidden_layers + 1)}
-            first = (
-                {"text_embeds": {0: "batch"}, "last_hidden_state": sequence_axes}
-                if hasattr(text_encoder, "text_projection")
-                else {"last_hidden_state": sequence_axes, "pooler_output": {0: "batch"}}
-            )
-            text_encoders[component] = GraphSpec(
-                TextEncoderGraph(text_encoder, hidden_states=True), {"input_ids": sequence_axes}, {**first, **layers}
-            )
         unet = GraphSpec(
             SdxlUNetGraph(pipe.unet),
             {
                 "sample": image_axes,
                 "timestep": {},  # a scalar, as optimum exports it (one timestep for the whole batch)
-                "encoder_hidden_states": sequence_axes,
+                "encoder_hidden_states": SEQUENCE_AXES,
                 "text_embeds": {0: "batch"},
                 "time_ids": {0: "batch"},
             },
@@ -172,6 +157,19 @@ def graph_specs(pipe) -> dict[str, GraphSpec]:
         "vae_encoder": GraphSpec(VaeEncoderGraph(pipe.vae), {"sample": image_axes}, {"latent_sample": image_axes}),
         "vae_decoder": GraphSpec(VaeDecoderGraph(pipe.vae), {"latent_sample": image_axes}, {"sample": image_axes}),
     }
+
+
+def text_encoder_spec(text_encoder, hidden_states: bool) -> GraphSpec:
+    """A text encoder's graph: its two outputs under transformers' names (`CLIPTextModelWithProjection`: text_embeds,
+    last_hidden_state; `CLIPTextModel`: last_hidden_state, pooler_output), then with `hidden_states` every layer's."""
+    first = (
+        {"text_embeds": {0: "batch"}, "last_hidden_state": SEQUENCE_AXES}
+        if hasattr(text_encoder, "text_projection")
+        else {"last_hidden_state": SEQUENCE_AXES, "pooler_output": {0: "batch"}}
+    )
+    layers = text_encoder.config.num_hidden_layers + 1 if hidden_states else 0
+    outputs = {**first, **{f"hidden_states.{i}": SEQUENCE_AXES for i in range(layers)}}
+    return GraphSpec(TextEncoderGraph(text_encoder, hidden_states), {"input_ids": SEQUENCE_AXES}, outputs)
 
 
 def component_module(pipe, component: str) -> nn.Module:
