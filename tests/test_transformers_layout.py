@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdpipe.models.saving import prefix_text_model_keys
+from sdpipe.models.saving import prefix_text_model_keys, save_pipeline
 from sdpipe.tinyworld import models as tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,3 +72,59 @@ def test_prefixing_keeps_every_tensor_and_the_metadata(tmp_path):
     reloaded = CLIPTextModel.from_pretrained(tmp_path / "te").state_dict()
     assert all(torch.equal(reloaded[key], tensor) for key, tensor in model.state_dict().items())
 
+
+
+# transformers 4's CLIPTextModelWithProjection (SDXL's second encoder): the text transformer under `text_model.`, and
+# the projection beside it
+TRANSFORMERS4_PROJECTION = ["text_projection.weight"]
+
+
+def test_the_committed_tiny_sdxl_has_transformers4_keys_in_both_text_encoders():
+    base = REPO / "artifacts" / "pretrain" / "tinyworld_xl"
+    assert_transformers4_text_encoder(base / "text_encoder")
+    config = CLIPTextConfig.from_pretrained(base / "text_encoder_2")
+    with safe_open(str(base / "text_encoder_2" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())  # noqa: SIM118
+    expected = transformers4_clip_text_keys(config.num_hidden_layers) | set(TRANSFORMERS4_PROJECTION)
+    assert keys == expected, sorted(keys ^ expected)[:5]
+
+
+def test_save_pipeline_writes_sdxl_text_encoders_in_transformers4_layout(tmp_path):
+    folder = tiny_models.build_random_sdxl_pipeline(tmp_path / "xl")
+    assert_transformers4_text_encoder(folder / "text_encoder")
+    with safe_open(str(folder / "text_encoder_2" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())  # noqa: SIM118
+    layers = CLIPTextConfig.from_pretrained(folder / "text_encoder_2").num_hidden_layers
+    assert keys == transformers4_clip_text_keys(layers) | set(TRANSFORMERS4_PROJECTION)
+
+
+def assert_reads_without_tokenizer_json(tokenizer_folder: Path, tmp_path: Path) -> None:
+    """The folder's `vocab.json` + `merges.txt` (what transformers 4's `CLIPTokenizer` reads) tokenize as its
+    `tokenizer.json` does, special and padding tokens included."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    bare = tmp_path / f"bare-{tokenizer_folder.parent.name}-{tokenizer_folder.name}"
+    bare.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (bare / name).write_bytes((tokenizer_folder / name).read_bytes())
+    texts = ["a red star on a dark background", "a sks shape, outlined", ""]
+    expected = AutoTokenizer.from_pretrained(tokenizer_folder)(texts, padding="max_length", max_length=32).input_ids
+    assert CLIPTokenizer.from_pretrained(bare)(texts, padding="max_length", max_length=32).input_ids == expected
+
+
+def test_the_committed_bases_tokenizers_read_without_tokenizer_json(tmp_path):
+    pretrain = REPO / "artifacts" / "pretrain"
+    for folder in (pretrain / "tinyworld" / "tokenizer", pretrain / "tinyworld_xl" / "tokenizer",
+                   pretrain / "tinyworld_xl" / "tokenizer_2"):
+        assert_reads_without_tokenizer_json(folder, tmp_path)
+
+
+def test_save_pipeline_writes_the_bpe_vocabulary_beside_tokenizer_json(tmp_path):
+    from sdpipe.models.loading import load_pipeline
+
+    pipeline = load_pipeline(str(REPO / "artifacts" / "pretrain" / "tinyworld_xl"))
+    save_pipeline(pipeline, tmp_path / "saved")
+    for name in ("tokenizer", "tokenizer_2"):
+        folder = tmp_path / "saved" / name
+        assert {"tokenizer.json", "vocab.json", "merges.txt"} <= {path.name for path in folder.iterdir()}
+        assert_reads_without_tokenizer_json(folder, tmp_path)

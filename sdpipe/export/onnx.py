@@ -49,6 +49,7 @@ from sdpipe.export.onnx_pipeline import execution_providers, inference_session, 
 from sdpipe.export.ort_optimizer import convert_to_fp16, optimize_for_cuda
 from sdpipe.families import SDXL, pipeline_family
 from sdpipe.io import atomic_path
+from sdpipe.models.saving import save_tokenizer
 from sdpipe.progress import log
 
 EXTERNAL_DATA_FILE = "weights.pb"  # the name diffusers' ONNX conversion used
@@ -448,21 +449,6 @@ def write_pipeline_files(pipe, folder: Path) -> None:
         "vae_encoder": onnx_model,
     }
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
-
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """`save_pretrained`, plus CLIP's own `vocab.json` and `merges.txt` when the tokenizer is a BPE one: transformers 5
-    writes only `tokenizer.json`, which transformers 4's `CLIPTokenizer` (what optimum's ONNX pipelines load, on the
-    transformers 4 stacks they pin) cannot read."""
-    tokenizer.save_pretrained(folder)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model.get("type") != "BPE" or (folder / "vocab.json").exists():
-        return
-    vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------

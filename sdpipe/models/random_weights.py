@@ -37,7 +37,7 @@ from transformers import (
     CLIPVisionConfig,
 )
 
-from sdpipe.models.saving import save_pipeline
+from sdpipe.models.saving import save_pipeline, save_tokenizer
 from sdpipe.models.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE
 from sdpipe.models.sdxl_configs import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
 
@@ -140,7 +140,7 @@ def save_random_models(
     )
     clip = CLIPModel(clip_config)
     clip.to(dtype).save_pretrained(paths["clip"])
-    tokenizer.save_pretrained(paths["clip"])
+    save_tokenizer(tokenizer, paths["clip"])
     feature_extractor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     feature_extractor.save_pretrained(paths["clip"])
     del clip

@@ -6,10 +6,15 @@ keys without the `text_model.` prefix (`encoder.layers.0…`). transformers 4, w
 keys, and loads the text encoder with random weights, with only a warning. transformers 5 reads the prefixed layout
 too (the layout of every SD 1.x/2.x folder on the Hub), so sdpipe writes every `CLIPTextModel` file in it.
 `CLIPTextModelWithProjection` (SDXL's second encoder) and the vision models keep their prefixes in both majors.
+
+Tokenizers likewise: transformers 5 writes a CLIP tokenizer as `tokenizer.json` alone, which transformers 4's
+`CLIPTokenizer` (the class every SD `model_index.json` names, and what optimum's ONNX pipelines load) cannot read;
+sdpipe also writes CLIP's own `vocab.json` and `merges.txt`, as the folders on the Hub have them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from safetensors import safe_open
@@ -33,6 +38,27 @@ def save_pipeline(pipeline, folder: str | Path) -> None:
     for name, component in pipeline.components.items():
         if type(component).__name__ in TEXT_ENCODER_CLASSES:
             prefix_text_model_keys(folder / name)
+        if getattr(component, "backend_tokenizer", None) is not None:
+            write_bpe_vocabulary(component, folder / name)
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """`tokenizer.save_pretrained(folder)`, readable by transformers 4 too (`write_bpe_vocabulary`)."""
+    tokenizer.save_pretrained(folder)
+    write_bpe_vocabulary(tokenizer, Path(folder))
+
+
+def write_bpe_vocabulary(tokenizer, folder: Path) -> None:
+    """Writes a saved BPE tokenizer's `vocab.json` and `merges.txt` (CLIP's own files) beside its `tokenizer.json`,
+    unless the folder has them; other tokenizers are left as they are."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") != "BPE" or (folder / "vocab.json").exists():
+        return
+    vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def prefix_text_model_keys(component_folder: str | Path) -> None:
