@@ -165,6 +165,16 @@ def encode_pixels(vae, pixels: torch.Tensor, keys: list[str], mode: str, seed: i
     return [latent.cpu().clone(memory_format=torch.contiguous_format) for latent in latents]
 
 
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] (fp32) of latents scaled as `encode_pixels` scales them (the scaling and
+    shift undone)."""
+    latents = latents.float() / vae.config.scaling_factor
+    shift_factor = getattr(vae.config, "shift_factor", None)
+    if shift_factor is not None:
+        latents = latents + shift_factor
+    return vae.decode(latents.to(vae.dtype)).sample.float()
+
+
 def image_generator(seed: int, key: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))

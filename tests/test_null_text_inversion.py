@@ -13,6 +13,7 @@ from sdpipe.encode import load_latents
 from sdpipe.io import read_jsonl
 from sdpipe.methods import null_text_inversion
 from sdpipe.models.loading import load_pipeline
+from sdpipe.tinyworld.models import build_random_sdxl_pipeline
 
 STEPS = 4
 IMAGES = 2
@@ -21,12 +22,15 @@ IMAGES = 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
-@pytest.fixture(scope="module")
-def inverted(tmp_path_factory, tiny_sd_dir, write_star_dataset):
-    """Two star images inverted in 4 steps; the prepared images are the decoded cached latents."""
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def inverted(request, tmp_path_factory, tiny_sd_dir, write_star_dataset):
+    """Two star images inverted in 4 steps, on a random tiny SD and a random tiny SDXL (whose cached latents carry
+    time ids); the prepared images are the decoded cached latents."""
     root = tmp_path_factory.mktemp("nti")
-    write_star_dataset(root, count=3)
-    pipeline = load_pipeline(str(tiny_sd_dir))
+    sdxl = request.param == "sdxl"
+    write_star_dataset(root, count=3, time_ids=sdxl)
+    base_dir = build_random_sdxl_pipeline(root / "tiny_sdxl") if sdxl else tiny_sd_dir
+    pipeline = load_pipeline(str(base_dir))
     latents, _ = load_latents(root / "latents" / "star.safetensors")
     for row in read_jsonl(root / "captions" / "star.jsonl"):
         path = root / "prepared" / "star" / row["file"]
@@ -38,7 +42,7 @@ def inverted(tmp_path_factory, tiny_sd_dir, write_star_dataset):
                 "prepared": f"{root}/prepared", "latents": f"{root}/latents", "captions": f"{root}/captions",
                 "train": f"{root}/train",
             },
-            "base": {"base_model": str(tiny_sd_dir), "datasets": ["star"], "device": "cpu"},
+            "base": {"base_model": str(base_dir), "datasets": ["star"], "device": "cpu"},
             "train": {
                 "methods": ["null_text_inversion"],
                 "null_text_inversion": {"max_images": IMAGES, "num_inference_steps": STEPS, "inner_steps": 5, "learning_rate": 0.1},
@@ -47,7 +51,7 @@ def inverted(tmp_path_factory, tiny_sd_dir, write_star_dataset):
     )
     out_dir = root / "train" / "null_text_inversion"
     metrics = null_text_inversion.train(params, out_dir)
-    return {"out_dir": out_dir, "metrics": metrics, "pipeline": pipeline, "params": params, "latents": latents}
+    return {"out_dir": out_dir, "metrics": metrics, "pipeline": pipeline, "params": params, "latents": latents, "sdxl": sdxl}
 
 
 def test_null_embeddings_retrace_the_inversion_better_than_the_plain_one(inverted):
@@ -58,18 +62,25 @@ def test_null_embeddings_retrace_the_inversion_better_than_the_plain_one(inverte
     steps = null_text_inversion.DdimSteps(pipeline.scheduler.config, STEPS, pipeline.device)
     for path in sorted((inverted["out_dir"] / "model").glob("*.safetensors")):
         record = null_text_inversion.load_record(path)
-        cond = null_text_inversion.text_embeddings(pipeline, record.prompt)
-        trajectory = null_text_inversion.ddim_inversion(pipeline, steps, latents[record.image_id].unsqueeze(0), cond)
+        time_ids = latents.get(f"{record.image_id}.time_ids")
+        assert (time_ids is not None) == inverted["sdxl"]
+        cond = null_text_inversion.prompt_conditioning(pipeline, record.prompt)
+        trajectory = null_text_inversion.ddim_inversion(pipeline, steps, latents[record.image_id].unsqueeze(0), cond, time_ids)
         torch.testing.assert_close(trajectory[0][0], record.latent)
-        cond_epsilon = null_text_inversion.unet_epsilon(pipeline, steps, record.latent.unsqueeze(0), 0, cond)
-
-        plain = null_text_inversion.text_embeddings(pipeline, "")
         start = record.latent.unsqueeze(0)
+        cond_epsilon = null_text_inversion.unet_epsilon(pipeline, steps, start, 0, cond, time_ids)
+
+        plain = null_text_inversion.plain_null_conditioning(pipeline)
         optimized_error, plain_error = (
-            torch.dist(null_text_inversion.guided_step(pipeline, steps, start, 0, cond_epsilon, null, 7.5), trajectory[1])
-            for null in (record.null_embeddings[:1], plain)
+            torch.dist(
+                null_text_inversion.guided_step(pipeline, steps, start, 0, cond_epsilon, null, 7.5, time_ids),
+                trajectory[1],
+            )
+            for null in (record.null_conditioning(0), plain)
         )
         assert optimized_error < plain_error
+        if inverted["sdxl"]:  # the pooled null embedding is optimized too
+            assert not torch.equal(record.null_pooled[0], plain.pooled[0])
 
     metrics = json.loads((inverted["out_dir"] / "metrics.json").read_text())
     assert metrics == inverted["metrics"]
@@ -86,8 +97,13 @@ def test_records_load_and_reconstruct(inverted):
     with safe_open(str(files[0]), "pt") as f:
         metadata = f.metadata()
         assert f.get_tensor("latent").shape == (4, 8, 8)
-        hidden = pipeline.text_encoder.config.hidden_size
-        assert f.get_tensor("null_embeddings").shape == (STEPS, pipeline.tokenizer.model_max_length, hidden)
+        context = null_text_inversion.prompt_conditioning(pipeline, "a shape")
+        assert f.get_tensor("null_embeddings").shape == (STEPS, *context.context.shape[1:])
+        if inverted["sdxl"]:
+            assert f.get_tensor("null_pooled").shape == (STEPS, context.pooled.shape[1])
+            assert f.get_tensor("time_ids").tolist() == [32.0, 48.0, 0.0, 8.0, 32.0, 32.0]
+        else:
+            assert not {"null_pooled", "time_ids"} & set(f.keys())  # noqa: SIM118
     assert metadata["prompt"] == "a red sks shape" and metadata["num_inference_steps"] == str(STEPS)
 
     record = null_text_inversion.load_record(files[0])
@@ -135,3 +151,16 @@ def test_sdpipe_sample_reconstructs_and_edits_a_record(inverted, tmp_path):
     save_file({"w": torch.zeros(1)}, str(not_a_record))
     result = CliRunner().invoke(app, ["sample", "--null-text", str(not_a_record)])
     assert result.exit_code == 1 and "not a null-text inversion record" in result.output
+
+
+def test_the_plain_null_input_is_the_pipelines_own(tiny_sd_dir, tmp_path):
+    sd = load_pipeline(str(tiny_sd_dir))
+    torch.testing.assert_close(
+        null_text_inversion.plain_null_conditioning(sd).context, null_text_inversion.prompt_conditioning(sd, "").context
+    )
+    sdxl = load_pipeline(str(build_random_sdxl_pipeline(tmp_path / "xl")))
+    assert sdxl.config.force_zeros_for_empty_prompt  # SDXL 1.0's default: zeros for an empty negative prompt
+    plain = null_text_inversion.plain_null_conditioning(sdxl)
+    assert not plain.context.any() and not plain.pooled.any()
+    empty = null_text_inversion.prompt_conditioning(sdxl, "")
+    assert empty.context.abs().sum() > 0 and plain.context.shape == empty.context.shape

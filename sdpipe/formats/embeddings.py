@@ -135,9 +135,13 @@ SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
 """An SDXL embedding's tensors: the vectors of its first text encoder (CLIP ViT-L) and of its second (OpenCLIP bigG)."""
 
 
-def save_sdxl_embedding(embeddings: list[Embedding], path: str | Path) -> None:
-    """Writes an SDXL embedding, atomically: the first text encoder's vectors as `clip_l`, the second's as `clip_g`,
-    in one `.safetensors` (the layout A1111 and ComfyUI load for SDXL); the metadata is the first one's."""
+def save_embedding(embeddings: list[Embedding], path: str | Path) -> None:
+    """Writes a trained token's embedding, one `Embedding` per text encoder of its model, atomically: SD 1.x/2.x's
+    as `emb_params` (`save_safetensors_embedding`); SDXL's first text encoder's vectors as `clip_l`, the second's as
+    `clip_g`, in one `.safetensors` (the layout A1111 and ComfyUI load for SDXL), with the first one's metadata."""
+    if len(embeddings) == 1:
+        save_safetensors_embedding(embeddings[0], path)
+        return
     first = embeddings[0]
     metadata = {"placeholder_token": first.name, "num_vectors": str(len(first.vectors)), **first.fields}
     tensors = {key: embedding.vectors.contiguous() for key, embedding in zip(SDXL_EMBEDDING_KEYS, embeddings, strict=True)}

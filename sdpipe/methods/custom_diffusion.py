@@ -36,7 +36,7 @@ from sdpipe.config.caption import CaptionOps
 from sdpipe.config.train import CustomDiffusionParams
 from sdpipe.data.captions import load_captions
 from sdpipe.errors import SdpipeError
-from sdpipe.formats.embeddings import Embedding, load_into_pipeline, save_sdxl_embedding
+from sdpipe.formats.embeddings import Embedding, load_into_pipeline, save_embedding
 from sdpipe.io import save_safetensors
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, TrainingMethod, run_training
@@ -213,7 +213,7 @@ class CustomDiffusion(TokenRowsTraining, TrainingMethod):
             if len(vectors) == 1:
                 save_safetensors({concept.modifier_token: vectors[0]}, path)
             else:  # SDXL: one row per text encoder
-                save_sdxl_embedding([Embedding(vector[None], concept.modifier_token, {}) for vector in vectors], path)
+                save_embedding([Embedding(vector[None], concept.modifier_token, {}) for vector in vectors], path)
 
 
 def custom_diffusion_state_dict(unet) -> dict[str, torch.Tensor]:

@@ -31,15 +31,14 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sdpipe.config.train import DreamArtistParams
+from sdpipe.encode import decode_latents
 from sdpipe.errors import SdpipeError
 from sdpipe.families import SDXL, Conditioning, pipeline_family
-from sdpipe.formats.a1111 import checkpoint_hash
 from sdpipe.formats.embeddings import (
     Embedding,
     file_stem,
     load_into_pipeline,
-    save_safetensors_embedding,
-    save_sdxl_embedding,
+    save_embedding,
 )
 from sdpipe.models.loading import load_pipeline, load_vae
 from sdpipe.training import Models, run_training
@@ -207,17 +206,9 @@ class DreamArtist(PlaceholderTokenTraining):
             return None
         predicted = predicted_latents(models.noise_scheduler, batch.noisy_latents, batch.prediction, batch.timesteps)
         with torch.no_grad():
-            image = self.decode(batch.latents)
-        reconstruction = self.decode(predicted)
+            image = decode_latents(self.vae, batch.latents)
+        reconstruction = decode_latents(self.vae, predicted)
         return self.params.reconstruction_loss_weight * torch.nn.functional.l1_loss(reconstruction, image)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images [-1, 1] of latents scaled as the UNet sees them (`encode`'s scaling and shift undone)."""
-        config = self.vae.config
-        latents = latents.float() / config.scaling_factor
-        if getattr(config, "shift_factor", None) is not None:
-            latents = latents + config.shift_factor
-        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
 
     def after_optimizer_step(self, models: Models) -> None:
         super().after_optimizer_step(models)  # every other row back to its original value
@@ -235,11 +226,7 @@ class DreamArtist(PlaceholderTokenTraining):
     def save(self, models: Models, folder: Path, step: int) -> None:
         """`<name>.safetensors` and `<name>-neg.safetensors`, each with textual inversion's keys and metadata."""
         vectors = [self.learned_vectors(encoder) for encoder in range(len(self.token_rows))]  # one per text encoder
-        fields = {
-            "step": str(step),
-            "sd_checkpoint": checkpoint_hash(self.base_model),
-            "sd_checkpoint_name": Path(self.base_model).stem,
-        }
+        fields = self.embedding_fields(step)
         positive = slice(0, len(self.positive_tokens))
         negative = slice(len(self.positive_tokens), None)
         files = (
@@ -248,8 +235,4 @@ class DreamArtist(PlaceholderTokenTraining):
         )
         for stem, token, rows in files:
             embeddings = [Embedding(encoder_vectors[rows].contiguous(), token, fields) for encoder_vectors in vectors]
-            path = folder / f"{stem}.safetensors"
-            if len(embeddings) == 1:
-                save_safetensors_embedding(embeddings[0], path)
-            else:  # SDXL: one tensor per text encoder
-                save_sdxl_embedding(embeddings, path)
+            save_embedding(embeddings, folder / f"{stem}.safetensors")

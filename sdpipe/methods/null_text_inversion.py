@@ -13,10 +13,15 @@ Per image (diffusers' community `pipeline_null_text_inversion.py` and the prompt
 3. Editing: sampling from z_T with the per-timestep null embeddings and a new prompt (e.g. another color word)
    changes the image while keeping what the prompt does not mention (`reconstruct(pipeline, record, prompt)`).
 
+On SDXL the "null text" is all of the unconditional input: the null context (both encoders' hidden states) and the
+null pooled embedding are optimized together, and every UNet call takes the image's size and crop (its cached time
+ids); the plain DDIM baseline uses the pipeline's own unconditional input (zeros when the model sets
+`force_zeros_for_empty_prompt`, as SDXL 1.0 does; else the empty prompt's encoding).
+
 This is optimization per image at inference time, not the training of a model: it does not use the
 shared training loop. The stage writes, under `<out_dir>/model/`, one `<image id>.safetensors` per image
-(`latent`: z_T [C, h, w]; `null_embeddings`: [steps, tokens, hidden]; metadata: prompt, steps, guidance scale,
-base model) and, in `<out_dir>/metrics.json`, the mean reconstruction PSNR (decoded image against the prepared
+(`latent`: z_T [C, h, w]; `null_embeddings`: [steps, tokens, hidden]; SDXL also `null_pooled`: [steps, pooled]
+and `time_ids`: [6]; metadata: prompt, steps, guidance scale, base model) and, in `<out_dir>/metrics.json`, the mean reconstruction PSNR (decoded image against the prepared
 image) of null-text inversion, of plain DDIM inversion (the ordinary null embedding) and of the VAE alone (the
 ceiling: decoding the image's own latent).
 """
@@ -33,8 +38,9 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors import safe_open
 
-from sdpipe.encode import load_latents
+from sdpipe.encode import TIME_IDS_SUFFIX, decode_latents, load_latents
 from sdpipe.errors import SdpipeError
+from sdpipe.families import Conditioning, pipeline_family
 from sdpipe.io import atomic_path, read_jsonl, save_safetensors, write_json
 from sdpipe.models.loading import load_pipeline, resolve_device, resolve_dtype
 from sdpipe.progress import log, track
@@ -57,12 +63,21 @@ class InvertedImage:
     null_embeddings: torch.Tensor
     """One optimized unconditional embedding per sampling step [steps, tokens, hidden]."""
     guidance_scale: float
+    null_pooled: torch.Tensor | None = None
+    """SDXL: the optimized unconditional pooled embedding of each step [steps, pooled]."""
+    time_ids: torch.Tensor | None = None
+    """SDXL: the image's size and crop conditioning [6], as `encode` cached it."""
     base_model: str | None = None
     """The model the image was inverted with (only it reconstructs the image), as the record's metadata names it."""
 
     @property
     def num_inference_steps(self) -> int:
         return len(self.null_embeddings)
+
+    def null_conditioning(self, index: int) -> Conditioning:
+        """The optimized unconditional input of sampling step `index`, batch of one."""
+        pooled = None if self.null_pooled is None else self.null_pooled[index].unsqueeze(0)
+        return Conditioning(self.null_embeddings[index].unsqueeze(0), pooled)
 
 
 def train(params, out_dir: Path) -> dict:
@@ -76,12 +91,13 @@ def train(params, out_dir: Path) -> dict:
 
     pipeline = load_pipeline(params.base.base_model, params.base.base_model_config, dtype=dtype, device=device)
     pipeline.set_progress_bar_config(disable=True)
-    for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        model.requires_grad_(False)
+    family = pipeline_family(pipeline)
+    for name in ("unet", "vae", *family.text_encoders):
+        getattr(pipeline, name).requires_grad_(False)
 
     records, rows = [], []
     for example in track(examples, "null-text inversion"):
-        record = invert(pipeline, example.latent, example.prompt, settings, example.image_id)
+        record = invert(pipeline, example.latent, example.prompt, settings, example.image_id, example.time_ids)
         original = load_image(example.image_path)
         reconstructions = {
             "vae": decode(pipeline, example.latent.unsqueeze(0).to(device))[0],
@@ -140,6 +156,7 @@ class Example:
     prompt: str
     latent: torch.Tensor
     image_path: Path
+    time_ids: torch.Tensor | None = None
 
 
 def load_examples(params, datasets: list[str]) -> list[Example]:
@@ -153,7 +170,8 @@ def load_examples(params, datasets: list[str]) -> list[Example]:
                     f"{params.paths.latents}/{name}.safetensors has no latent for {row['id']!r}; run `encode` again"
                 )
             image_path = Path(params.paths.prepared) / name / row["file"]
-            examples.append(Example(row["id"], row["caption"], latents[row["id"]].float(), image_path))
+            time_ids = latents.get(row["id"] + TIME_IDS_SUFFIX)
+            examples.append(Example(row["id"], row["caption"], latents[row["id"]].float(), image_path, time_ids))
     if not examples:
         raise SdpipeError(f"{KEY}.datasets ({', '.join(datasets)}) hold no images")
     return examples
@@ -197,74 +215,108 @@ class DdimSteps:
         return alpha_to.sqrt() * original + (1 - alpha_to).sqrt() * epsilon
 
 
-def text_embeddings(pipeline, prompt: str) -> torch.Tensor:
-    """The prompt's conditioning [1, tokens, hidden] (the empty prompt gives the ordinary null embedding)."""
-    return pipeline.encode_prompt(prompt, pipeline.device, 1, False)[0]
+def as_float(conditioning: Conditioning, dtype=torch.float32) -> Conditioning:
+    pooled = None if conditioning.pooled is None else conditioning.pooled.to(dtype)
+    return Conditioning(conditioning.context.to(dtype), pooled)
 
 
-def unet_epsilon(pipeline, steps: DdimSteps, latent, index: int, embeddings) -> torch.Tensor:
+@torch.no_grad()
+def prompt_conditioning(pipeline, prompt: str) -> Conditioning:
+    """The prompt's conditioning, batch of one, fp32 (SDXL's pooled embedding too)."""
+    return as_float(pipeline_family(pipeline).pipeline_conditioning(pipeline, [prompt], pipeline.device))
+
+
+def plain_null_conditioning(pipeline) -> Conditioning:
+    """The unconditional input the pipeline itself samples with for an empty negative prompt: zeros when the model
+    sets `force_zeros_for_empty_prompt` (SDXL 1.0), else the empty prompt's conditioning."""
+    empty = prompt_conditioning(pipeline, "")
+    if not getattr(pipeline.config, "force_zeros_for_empty_prompt", False):
+        return empty
+    return Conditioning(torch.zeros_like(empty.context), None if empty.pooled is None else torch.zeros_like(empty.pooled))
+
+
+def unet_epsilon(pipeline, steps: DdimSteps, latent, index: int, conditioning: Conditioning, time_ids) -> torch.Tensor:
     unet = pipeline.unet
-    output = unet(latent.to(unet.dtype), steps.timesteps[index], encoder_hidden_states=embeddings.to(unet.dtype)).sample
+    time_ids = None if time_ids is None else time_ids.reshape(1, -1).to(latent.device)
+    output = pipeline_family(pipeline).predict(
+        unet, latent.to(unet.dtype), steps.timesteps[index], as_float(conditioning, unet.dtype), time_ids
+    )
     return steps.epsilon(output.float(), latent, index)
 
 
 @torch.no_grad()
-def ddim_inversion(pipeline, steps: DdimSteps, latent: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
+def ddim_inversion(pipeline, steps: DdimSteps, latent: torch.Tensor, cond: Conditioning, time_ids) -> list[torch.Tensor]:
     """The inversion trajectory, noisiest first: [z_T, …, z_0], with z_0 the clean `latent` [1, C, h, w]."""
     trajectory = [latent]
     for index in reversed(range(len(steps.timesteps))):
         # the noise is predicted at the target timestep from the less noisy latent: DDIM inversion's approximation
-        epsilon = unet_epsilon(pipeline, steps, latent, index, cond)
+        epsilon = unet_epsilon(pipeline, steps, latent, index, cond, time_ids)
         latent = steps.move(latent, epsilon, steps.alphas[index + 1], steps.alphas[index])
         trajectory.append(latent)
     return trajectory[::-1]
 
 
-def guided_step(pipeline, steps, latent, index, cond_epsilon, null_embedding, guidance_scale) -> torch.Tensor:
-    null_epsilon = unet_epsilon(pipeline, steps, latent, index, null_embedding)
+def guided_step(pipeline, steps, latent, index, cond_epsilon, null: Conditioning, guidance_scale, time_ids) -> torch.Tensor:
+    null_epsilon = unet_epsilon(pipeline, steps, latent, index, null, time_ids)
     epsilon = null_epsilon + guidance_scale * (cond_epsilon - null_epsilon)
     return steps.move(latent, epsilon, steps.alphas[index], steps.alphas[index + 1])
 
 
-def invert(pipeline, latent: torch.Tensor, prompt: str, settings, image_id: str = "") -> InvertedImage:
-    """Null-text inversion of one cached latent [C, h, w] with its caption `prompt`."""
+def invert(
+    pipeline, latent: torch.Tensor, prompt: str, settings, image_id: str = "", time_ids: torch.Tensor | None = None
+) -> InvertedImage:
+    """Null-text inversion of one cached latent [C, h, w] with its caption `prompt` (and, for SDXL, its cached
+    `time_ids`)."""
     device = pipeline.device
+    if pipeline_family(pipeline).size_conditioning and time_ids is None:
+        raise SdpipeError(f"{KEY}: {image_id or 'the image'} has no time ids (size and crop); run `encode` again")
     steps = DdimSteps(pipeline.scheduler.config, settings.num_inference_steps, device)
-    cond = text_embeddings(pipeline, prompt).float()
-    null = text_embeddings(pipeline, "").float()
-    trajectory = ddim_inversion(pipeline, steps, latent.unsqueeze(0).to(device, torch.float32), cond)
+    cond = prompt_conditioning(pipeline, prompt)
+    null = plain_null_conditioning(pipeline)
+    trajectory = ddim_inversion(pipeline, steps, latent.unsqueeze(0).to(device, torch.float32), cond, time_ids)
 
-    current, null_embeddings = trajectory[0], []
+    def guided(latent, index, cond_epsilon, null):
+        return guided_step(pipeline, steps, latent, index, cond_epsilon, null, settings.guidance_scale, time_ids)
+
+    current, nulls = trajectory[0], []
     for index in range(len(steps.timesteps)):
         target = trajectory[index + 1]
         with torch.no_grad():
-            cond_epsilon = unet_epsilon(pipeline, steps, current, index, cond)
-        null = null.detach().clone().requires_grad_(True)  # a new tensor: Adam updates it in place
-        optimizer = torch.optim.Adam([null], lr=settings.learning_rate * (1 - index / LR_DECAY))
+            cond_epsilon = unet_epsilon(pipeline, steps, current, index, cond, time_ids)
+        # new tensors: Adam updates them in place
+        tensors = [tensor.detach().clone().requires_grad_(True) for tensor in (null.context, null.pooled) if tensor is not None]
+        null = Conditioning(*tensors)
+        optimizer = torch.optim.Adam(tensors, lr=settings.learning_rate * (1 - index / LR_DECAY))
         tolerance = settings.early_stop_epsilon + index * EARLY_STOP_SLOPE if settings.early_stop_epsilon else 0.0
-        best_loss, best_null = float("inf"), null.detach().clone()
+        best_loss, best_null = float("inf"), detached(null)
         with torch.enable_grad():
             for _ in range(settings.inner_steps):
-                predicted = guided_step(pipeline, steps, current, index, cond_epsilon, null, settings.guidance_scale)
-                loss = torch.nn.functional.mse_loss(predicted, target)
+                loss = torch.nn.functional.mse_loss(guided(current, index, cond_epsilon, null), target)
                 if loss.item() < best_loss:  # Adam can overshoot: keep the best embedding seen, not the last
-                    best_loss, best_null = loss.item(), null.detach().clone()
+                    best_loss, best_null = loss.item(), detached(null)
                 if best_loss < tolerance:
                     break
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         null = best_null
-        null_embeddings.append(null[0])
+        nulls.append(null)
         with torch.no_grad():
-            current = guided_step(pipeline, steps, current, index, cond_epsilon, null, settings.guidance_scale)
+            current = guided(current, index, cond_epsilon, null)
     return InvertedImage(
         image_id=image_id,
         prompt=prompt,
         latent=trajectory[0][0].cpu(),
-        null_embeddings=torch.stack(null_embeddings).cpu(),
+        null_embeddings=torch.cat([null.context for null in nulls]).cpu(),
         guidance_scale=settings.guidance_scale,
+        null_pooled=None if null.pooled is None else torch.cat([null.pooled for null in nulls]).cpu(),
+        time_ids=None if time_ids is None else time_ids.cpu(),
     )
+
+
+def detached(conditioning: Conditioning) -> Conditioning:
+    pooled = None if conditioning.pooled is None else conditioning.pooled.detach().clone()
+    return Conditioning(conditioning.context.detach().clone(), pooled)
 
 
 def reconstruct(pipeline, record: InvertedImage, prompt: str | None = None, use_null_embeddings: bool = True) -> Image.Image:
@@ -279,24 +331,20 @@ def reconstruct_latent(pipeline, record: InvertedImage, prompt: str | None = Non
     """`reconstruct` before decoding: the sampled latent [1, C, h, w] (fp32)."""
     device = pipeline.device
     steps = DdimSteps(pipeline.scheduler.config, record.num_inference_steps, device)
-    cond = text_embeddings(pipeline, record.prompt if prompt is None else prompt).float()
-    plain_null = text_embeddings(pipeline, "").float()
+    cond = prompt_conditioning(pipeline, record.prompt if prompt is None else prompt)
+    plain_null = plain_null_conditioning(pipeline)
     latent = record.latent.unsqueeze(0).to(device, torch.float32)
     for index in range(len(steps.timesteps)):
-        null = record.null_embeddings[index].unsqueeze(0).to(device) if use_null_embeddings else plain_null
-        cond_epsilon = unet_epsilon(pipeline, steps, latent, index, cond)
-        latent = guided_step(pipeline, steps, latent, index, cond_epsilon, null, record.guidance_scale)
+        null = as_float(record.null_conditioning(index), torch.float32) if use_null_embeddings else plain_null
+        null = Conditioning(null.context.to(device), None if null.pooled is None else null.pooled.to(device))
+        cond_epsilon = unet_epsilon(pipeline, steps, latent, index, cond, record.time_ids)
+        latent = guided_step(pipeline, steps, latent, index, cond_epsilon, null, record.guidance_scale, record.time_ids)
     return latent
 
 
 @torch.no_grad()
 def decode(pipeline, latents: torch.Tensor) -> list[Image.Image]:
-    vae = pipeline.vae
-    latents = latents / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None) is not None:
-        latents = latents + vae.config.shift_factor
-    images = vae.decode(latents.to(vae.dtype)).sample
-    return pipeline.image_processor.postprocess(images.float(), output_type="pil")
+    return pipeline.image_processor.postprocess(decode_latents(pipeline.vae, latents), output_type="pil")
 
 
 def psnr(image: Image.Image, reference: Image.Image) -> float:
@@ -321,8 +369,10 @@ def save_record(record: InvertedImage, path: Path, base_model: str) -> None:
         "guidance_scale": str(record.guidance_scale),
         "base_model": str(base_model),
     }
-    tensors = {"latent": record.latent.contiguous(), "null_embeddings": record.null_embeddings.contiguous()}
-    save_safetensors(tensors, path, metadata)
+    tensors = {"latent": record.latent, "null_embeddings": record.null_embeddings}
+    optional = {"null_pooled": record.null_pooled, "time_ids": record.time_ids}
+    tensors.update({name: tensor for name, tensor in optional.items() if tensor is not None})
+    save_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()}, path, metadata)
 
 
 def load_record(path: Path) -> InvertedImage:
@@ -333,6 +383,7 @@ def load_record(path: Path) -> InvertedImage:
         if not {"latent", "null_embeddings"} <= set(f.keys()) or "prompt" not in metadata:
             raise SdpipeError(f"{path}: not a null-text inversion record (needs latent, null_embeddings, prompt)")
         latent, null_embeddings = f.get_tensor("latent"), f.get_tensor("null_embeddings")
+        null_pooled, time_ids = (f.get_tensor(name) if name in f.keys() else None for name in ("null_pooled", "time_ids"))  # noqa: SIM118
     if int(metadata["num_inference_steps"]) != len(null_embeddings):
         raise SdpipeError(f"{path}: {len(null_embeddings)} null embeddings for {metadata['num_inference_steps']} steps")
     return InvertedImage(
@@ -342,4 +393,6 @@ def load_record(path: Path) -> InvertedImage:
         null_embeddings=null_embeddings,
         guidance_scale=float(metadata["guidance_scale"]),
         base_model=metadata.get("base_model"),
+        null_pooled=null_pooled,
+        time_ids=time_ids,
     )

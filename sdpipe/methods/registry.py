@@ -168,6 +168,7 @@ METHODS: dict[str, Method] = {
             "Null-text inversion: per image, its inverted noise and per-timestep null embeddings, for reconstruction "
             "and prompt edits.",
             own_metrics=True,
+            families=("sd", "sdxl"),
         ),
         Method(
             "dreamartist",

@@ -29,13 +29,11 @@ from pathlib import Path
 import torch
 
 from sdpipe.errors import SdpipeError
-from sdpipe.formats.a1111 import checkpoint_hash
 from sdpipe.formats.embeddings import (
     Embedding,
     file_stem,
     load_into_pipeline,
-    save_safetensors_embedding,
-    save_sdxl_embedding,
+    save_embedding,
 )
 from sdpipe.models.loading import load_pipeline
 from sdpipe.training import Models, run_training
@@ -76,15 +74,7 @@ class TextualInversion(PlaceholderTokenTraining):
         """`<name>.safetensors`: `emb_params` (SDXL: `clip_l` and `clip_g`) and, as metadata, the token, the vector count and A1111's `step`,
         `sd_checkpoint` and `sd_checkpoint_name` (which `sdpipe convert` carries into an A1111 `.pt`)."""
         token = self.params.placeholder_token
-        fields = {
-            "step": str(step),
-            "sd_checkpoint": checkpoint_hash(self.base_model),
-            "sd_checkpoint_name": Path(self.base_model).stem,
-        }
+        fields = self.embedding_fields(step)
         embeddings = [Embedding(self.learned_vectors(encoder), token, fields) for encoder in range(len(self.token_rows))]
-        path = folder / embedding_file(token, f"{self.params_key}.placeholder_token")
-        if len(embeddings) == 1:
-            save_safetensors_embedding(embeddings[0], path)
-        else:  # SDXL: one tensor per text encoder
-            save_sdxl_embedding(embeddings, path)
+        save_embedding(embeddings, folder / embedding_file(token, f"{self.params_key}.placeholder_token"))
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from sdpipe.config.train import TextualInversionParams
 from sdpipe.errors import SdpipeError
+from sdpipe.formats.a1111 import checkpoint_hash
 from sdpipe.training.method import Models, TrainingMethod
 
 
@@ -94,6 +96,15 @@ class PlaceholderTokenTraining(TokenRowsTraining, TrainingMethod):
                 word_key=f"{self.params_key}.initializer_word",
             )
             self.train_token_rows(text_encoder, token_ids)
+
+    def embedding_fields(self, step: int) -> dict[str, str]:
+        """What A1111 records of an embedding's training (`step`, `sd_checkpoint`, `sd_checkpoint_name`), as the
+        metadata of the files the method writes (`sdpipe convert` carries it into an A1111 `.pt`)."""
+        return {
+            "step": str(step),
+            "sd_checkpoint": checkpoint_hash(self.base_model),
+            "sd_checkpoint_name": Path(self.base_model).stem,
+        }
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [rows.embeddings for rows in self.token_rows]
