@@ -122,7 +122,6 @@ def test_sdxl_single_file_has_the_sgm_key_names(sdxl_dir, tmp_path):
 @pytest.mark.parametrize(
     ("method", "message"),
     [
-        ("aesthetic_gradient", r"train.aesthetic_gradient does not train Stable Diffusion XL models yet"),
         ("clip_inversion", r"train.clip_inversion cannot train Stable Diffusion XL models \(it samples with an "
          r"image-variations model.*no SDXL release has one\)"),
     ],
@@ -348,8 +347,8 @@ def test_a_familys_method_settings_change_only_what_they_name_and_are_checked_as
         data["sdxl"]["train"] = {"dreambooth": changes}
         with pytest.raises(ParamsError, match=re.escape(problem)):
             parse_params(data)
-    data["sdxl"]["train"] = {"aesthetic_gradient": {"max_steps": 9}}  # not a method that trains SDXL
-    with pytest.raises(ParamsError, match=r"sdxl\.train\.aesthetic_gradient"):
+    data["sdxl"]["train"] = {"clip_inversion": {"max_steps": 9}}  # not a method that trains SDXL
+    with pytest.raises(ParamsError, match=r"sdxl\.train\.clip_inversion"):
         parse_params(data)
 
 

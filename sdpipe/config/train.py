@@ -591,10 +591,11 @@ class AestheticGradientParams(Section):
     """File name (without suffix) of the embedding, `<name>.pt` and `<name>.safetensors` (A1111 lists it under this
     name); null: the dataset names joined by `-`."""
 
-    clip_model: str | None = None
+    clip_model: str | list[str] | None = None
     """A CLIP model folder (transformers `CLIPModel`) whose text tower is the base model's text encoder (for SD 1.x:
     openai/clip-vit-large-patch14); null: the CLIP beside the base model, `<base_model>/clip/`, with the base's
-    `feature_extractor/` for the images (the tiny world ships both)."""
+    `feature_extractor/` for the images (the tiny world ships both). An SDXL base takes a list, one CLIP per text
+    encoder in order (SDXL 1.0: openai/clip-vit-large-patch14 and laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)."""
 
     aesthetic_weight: float = Field(default=0.9, ge=0.0, le=1.0)
     """How much of the steered conditioning replaces the prompt's own: (1 - weight) × original + weight × steered

@@ -15,6 +15,14 @@ A style is given by images; nothing of the model is trained ahead of time:
 The text projection and the image features must come from the CLIP whose text tower is the base model's text
 encoder: the tiny world ships it beside the base (`clip/`, with the base's `feature_extractor/`); for SD 1.x it is
 openai/clip-vit-large-patch14 (`train.aesthetic_gradient.clip_model`).
+
+SDXL has two text encoders, so it takes two CLIPs (`clip_model: [<ViT-L/14>, <ViT-bigG/14>]`, for SDXL 1.0
+openai/clip-vit-large-patch14 and laion/CLIP-ViT-bigG-14-laion2B-39B-b160k; the tiny world's are the SD base's
+`clip/` and `artifacts/pretrain/tinyworld_xl_clip`): the embedding file holds one aesthetic embedding per encoder
+(`clip_l`, `clip_g`, as SDXL textual-inversion files name them; no `.pt`, since the A1111 extension has no SDXL
+form), each encoder is steered toward its own, and the blend applies to the context (both encoders' penultimate
+hidden states) and to the pooled embedding (the second encoder's projected output), as `AestheticGradientXLPipeline`
+does.
 """
 
 from __future__ import annotations
@@ -23,14 +31,17 @@ import copy
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 
 from sdpipe.encode import dataset_images
 from sdpipe.errors import SdpipeError
+from sdpipe.families import SDXL
+from sdpipe.families.base import token_ids
+from sdpipe.formats.embeddings import SDXL_EMBEDDING_KEYS
 from sdpipe.io import atomic_path, save_safetensors, write_json
 from sdpipe.models.clip_image import ClipImageEncoder
-from sdpipe.models.loading import load_pipeline, resolve_device
+from sdpipe.models.loading import load_pipeline, model_family, resolve_device
 from sdpipe.training.datasets import method_datasets
 
 KEY = "train.aesthetic_gradient"
@@ -38,30 +49,62 @@ SAFETENSORS_KEY = "aesthetic_embedding"
 
 
 def train(params, out_dir: Path) -> dict:
-    """The `train@aesthetic_gradient` stage: writes `<out_dir>/model/<name>.pt` and `.safetensors` and metrics."""
+    """The `train@aesthetic_gradient` stage: writes `<out_dir>/model/<name>.safetensors` (SD 1.x/2.x also the A1111
+    `<name>.pt`) and metrics."""
     settings = params.train.aesthetic_gradient
     out_dir = Path(out_dir)
     device = resolve_device(params.base.device)
     datasets = method_datasets(params.base.datasets, settings.datasets, KEY)
+    clip_models = clip_model_folders(settings, params.base)
     images = [image for name in datasets for image in dataset_images(Path(params.paths.prepared) / name)]
 
-    encoder = ClipImageEncoder.load(settings.clip_model, params.base.base_model, device, key=f"{KEY}.clip_model")
-    features = encoder.features(images)
-    embedding = aesthetic_embedding(features)
+    features = [
+        ClipImageEncoder.load(clip_model, params.base.base_model, device, key=f"{KEY}.clip_model").features(images)
+        for clip_model in clip_models
+    ]
+    embeddings = [aesthetic_embedding(encoder_features) for encoder_features in features]
     name = embedding_name(settings, datasets)
 
     with atomic_path(out_dir / "model") as tmp:
         tmp.mkdir()
-        torch.save(embedding.clone(), tmp / f"{name}.pt")
         metadata = {"datasets": ",".join(datasets), "images": str(len(images)), "name": name}
-        save_safetensors({SAFETENSORS_KEY: embedding}, tmp / f"{name}.safetensors", metadata)
+        if len(embeddings) == 1:
+            torch.save(embeddings[0].clone(), tmp / f"{name}.pt")
+            save_safetensors({SAFETENSORS_KEY: embeddings[0]}, tmp / f"{name}.safetensors", metadata)
+        else:
+            save_safetensors(dict(zip(SDXL_EMBEDDING_KEYS, embeddings, strict=True)), tmp / f"{name}.safetensors", metadata)
     # The outputs every train@<method> stage declares in dvc.yaml; this method has no steps to log or resume.
     for folder in ("samples", "live/plots/metrics"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
-    similarity = torch.nn.functional.normalize(features, dim=-1) @ embedding.T
-    metrics = {"images": len(images), "embedding_dim": embedding.shape[1], "mean_similarity": round(float(similarity.mean()), 4)}
+    similarities = [
+        round(float((torch.nn.functional.normalize(encoder_features, dim=-1) @ embedding.T).mean()), 4)
+        for encoder_features, embedding in zip(features, embeddings)
+    ]
+    metrics = {"images": len(images)}
+    if len(embeddings) == 1:
+        metrics.update(embedding_dim=embeddings[0].shape[1], mean_similarity=similarities[0])
+    else:
+        metrics.update(
+            embedding_dim=dict(zip(SDXL_EMBEDDING_KEYS, [embedding.shape[1] for embedding in embeddings])),
+            mean_similarity=dict(zip(SDXL_EMBEDDING_KEYS, similarities)),
+        )
     write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def clip_model_folders(settings, base) -> list[str | None]:
+    """One CLIP model per text encoder of the base (None: the CLIP beside the base, `<base_model>/clip/`)."""
+    family = model_family(base.base_model, base.base_model_config)
+    clip_models = settings.clip_model if isinstance(settings.clip_model, list) else [settings.clip_model]
+    if len(clip_models) != len(family.text_encoders):
+        raise SdpipeError(
+            f"{KEY}.clip_model: base.base_model {base.base_model!r} is a {family.title} model with "
+            f"{len(family.text_encoders)} text encoder(s); give one CLIP model folder per text encoder, in order "
+            f"(SDXL: [<CLIP ViT-L/14>, <OpenCLIP ViT-bigG/14>]), not {len(clip_models)}"
+        )
+    if len(clip_models) > 1 and None in clip_models:
+        raise SdpipeError(f"{KEY}.clip_model: name every CLIP model folder of the list; null only stands for a single one")
+    return clip_models
 
 
 def sampling_pipeline(params, model_dir: Path, device: torch.device):
@@ -71,12 +114,23 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if len(files) != 1:
         raise SdpipeError(f"{model_dir}: expected one aesthetic embedding (.safetensors), found {len(files)}")
-    embedding = load_embedding(files[0])
+    embeddings = load_embeddings(files[0])
+    clip_models = clip_model_folders(settings, params.base)
+    if len(embeddings) != len(clip_models):
+        raise SdpipeError(f"{files[0]}: {len(embeddings)} aesthetic embedding(s) for a base with {len(clip_models)} text encoder(s)")
     base = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
-    pipeline = AestheticGradientPipeline(**base.components, requires_safety_checker=False)
-    projection = load_text_projection(settings.clip_model, params.base.base_model)
-    pipeline.set_aesthetic(embedding, projection, settings)
+    pipeline_class = AestheticGradientXLPipeline if model_family(params.base.base_model) is SDXL else AestheticGradientPipeline
+    pipeline = pipeline_class(**base.components, **base_pipeline_kwargs(base))
+    projections = [load_text_projection(clip_model, params.base.base_model) for clip_model in clip_models]
+    pipeline.set_aesthetic(embeddings, projections, settings)
     return pipeline, params.evaluate.trigger
+
+
+def base_pipeline_kwargs(base) -> dict:
+    """What rebuilding `base` as a subclass needs besides its components (its config's own switches)."""
+    if isinstance(base, StableDiffusionXLPipeline):
+        return {key: base.config[key] for key in ("force_zeros_for_empty_prompt", "add_watermarker") if key in base.config}
+    return {"requires_safety_checker": False}
 
 
 def aesthetic_embedding(features: torch.Tensor) -> torch.Tensor:
@@ -89,19 +143,23 @@ def embedding_name(settings, datasets: list[str]) -> str:
     return settings.embedding_name or "-".join(datasets)
 
 
-def load_embedding(path: Path) -> torch.Tensor:
-    """A saved aesthetic embedding (`.safetensors`, or an A1111 `.pt` read with `weights_only=True`), unit-norm [1, dim]."""
+def load_embeddings(path: Path) -> list[torch.Tensor]:
+    """A saved aesthetic embedding, one unit-norm [1, dim] tensor per text encoder: a `.safetensors` (SD's
+    `aesthetic_embedding`, SDXL's `clip_l` and `clip_g`) or an A1111 `.pt` read with `weights_only=True`."""
     path = Path(path)
     if path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as f:
-            if SAFETENSORS_KEY not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                raise SdpipeError(f"{path}: no {SAFETENSORS_KEY!r} tensor; not an aesthetic embedding")
-            embedding = f.get_tensor(SAFETENSORS_KEY)
+            keys = set(f.keys())  # noqa: SIM118 (safe_open has no __contains__)
+            names = [SAFETENSORS_KEY] if SAFETENSORS_KEY in keys else list(SDXL_EMBEDDING_KEYS)
+            if not set(names) <= keys:
+                raise SdpipeError(f"{path}: no {SAFETENSORS_KEY!r} (or SDXL's clip_l and clip_g) tensor; not an aesthetic embedding")
+            embeddings = [f.get_tensor(name) for name in names]
     else:
         embedding = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(embedding, torch.Tensor):
             raise SdpipeError(f"{path}: expected a tensor [1, dim] (A1111 aesthetic embedding)")
-    return torch.nn.functional.normalize(embedding.float().reshape(1, -1), dim=-1)
+        embeddings = [embedding]
+    return [torch.nn.functional.normalize(embedding.float().reshape(1, -1), dim=-1) for embedding in embeddings]
 
 
 def load_text_projection(clip_model: str | None, base_model: str) -> torch.nn.Linear:
@@ -132,6 +190,24 @@ def slerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
     return direction * length
 
 
+def blend(original: torch.Tensor, steered: torch.Tensor, settings) -> torch.Tensor:
+    """(1 - weight) × original + weight × steered, or their slerp (`aesthetic_slerp`), in `original`'s dtype."""
+    weight = settings.aesthetic_weight
+    steered = steered.to(original.dtype)
+    if settings.aesthetic_slerp:
+        return slerp(original.float(), steered.float(), weight).to(original.dtype)
+    return (1 - weight) * original + weight * steered
+
+
+def projected_text(model: torch.nn.Module, projection: torch.nn.Linear, input_ids: torch.Tensor) -> torch.Tensor:
+    """The text embedding of `input_ids` in CLIP's shared space: through `projection` from the pooled output, or
+    for an encoder with its own projection (SDXL's second), its `text_embeds`, which are the same."""
+    output = model(input_ids)
+    if getattr(output, "text_embeds", None) is not None:
+        return output.text_embeds
+    return projection(output.pooler_output)
+
+
 def tuned_text_encoder(
     text_encoder: torch.nn.Module,
     projection: torch.nn.Linear,
@@ -148,8 +224,7 @@ def tuned_text_encoder(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     with torch.enable_grad():
         for _ in range(steps):
-            pooled = model(input_ids).pooler_output
-            text = torch.nn.functional.normalize(projection(pooled), dim=-1)
+            text = torch.nn.functional.normalize(projected_text(model, projection, input_ids), dim=-1)
             loss = -(text @ embedding.T).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -166,33 +241,46 @@ def hidden_states(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_s
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)  # transformers 4.x wraps it
 
 
-class AestheticGradientPipeline(StableDiffusionPipeline):
-    """A `StableDiffusionPipeline` whose `encode_prompt` steers each prompt toward an aesthetic embedding.
+class AestheticSteering:
+    """What both families' aesthetic pipelines share: per text encoder, a copy tuned toward that encoder's aesthetic
+    embedding for each prompt. Call `set_aesthetic` once after building the pipeline. Steered outputs are cached
+    per prompt (they are deterministic)."""
 
-    Call `set_aesthetic` once after building it. Steered conditioning is cached per prompt (it is deterministic).
-    """
-
-    def set_aesthetic(self, embedding: torch.Tensor, projection: torch.nn.Linear, settings) -> None:
-        """`embedding`: unit-norm [1, dim]; `projection`: CLIP's text projection; `settings`: the method's params."""
-        self.aesthetic = embedding
-        self.aesthetic_projection = projection
+    def set_aesthetic(self, embeddings: list[torch.Tensor], projections: list[torch.nn.Linear], settings) -> None:
+        """`embeddings`: unit-norm [1, dim], one per text encoder; `projections`: each CLIP's text projection;
+        `settings`: the method's params."""
+        self.aesthetic_embeddings = embeddings
+        self.aesthetic_projections = projections
         self.aesthetic_settings = settings
         self.steered_cache: dict[tuple, torch.Tensor] = {}
 
-    def steered(self, prompt: str, device: torch.device, clip_skip: int | None) -> torch.Tensor:
-        """The steered conditioning of one prompt, [1, length, hidden] fp32 on `device`."""
-        key = (prompt, clip_skip)
+    def steering(self) -> bool:
+        settings = getattr(self, "aesthetic_settings", None)
+        return settings is not None and settings.aesthetic_weight > 0 and settings.aesthetic_steps > 0
+
+    def steered(self, encoder: int, prompt: str, device: torch.device, clip_skip: int | None):
+        """Text encoder `encoder`'s steered output for one prompt (`steered_output` of the tuned copy), on `device`."""
+        key = (encoder, prompt, clip_skip)
         if key not in self.steered_cache:
             settings = self.aesthetic_settings
-            input_ids = self.tokenizer(
-                prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(device)
+            tokenizer, text_encoder = self.steering_encoders()[encoder]
+            input_ids = token_ids(tokenizer, [prompt]).to(device)
             tuned = tuned_text_encoder(
-                self.text_encoder, self.aesthetic_projection, input_ids, self.aesthetic,
+                text_encoder, self.aesthetic_projections[encoder], input_ids, self.aesthetic_embeddings[encoder],
                 settings.aesthetic_steps, settings.aesthetic_lr,
             )
-            self.steered_cache[key] = hidden_states(tuned, input_ids, clip_skip)
-        return self.steered_cache[key].to(device)
+            self.steered_cache[key] = self.steered_output(tuned, input_ids, clip_skip)
+        return tuple(tensor.to(device) for tensor in self.steered_cache[key])
+
+
+class AestheticGradientPipeline(AestheticSteering, StableDiffusionPipeline):
+    """A `StableDiffusionPipeline` whose `encode_prompt` steers each prompt toward an aesthetic embedding."""
+
+    def steering_encoders(self):
+        return [(self.tokenizer, self.text_encoder)]
+
+    def steered_output(self, tuned, input_ids, clip_skip):
+        return (hidden_states(tuned, input_ids, clip_skip),)
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
                       prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None, clip_skip=None):
@@ -202,16 +290,50 @@ class AestheticGradientPipeline(StableDiffusionPipeline):
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
             clip_skip=clip_skip,
         )
-        settings = getattr(self, "aesthetic_settings", None)
-        if given_embeds or settings is None or settings.aesthetic_weight == 0 or settings.aesthetic_steps == 0:
+        if given_embeds or not self.steering():
             return prompt_embeds, negative_prompt_embeds
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        steered = torch.cat([self.steered(text, device, clip_skip) for text in prompts])
+        steered = torch.cat([self.steered(0, text, device, clip_skip)[0] for text in prompts])
         # super() repeats each prompt num_images_per_prompt times in a row
-        steered = steered.repeat_interleave(num_images_per_prompt, dim=0).to(prompt_embeds.dtype)
-        weight = settings.aesthetic_weight
-        if settings.aesthetic_slerp:
-            blended = slerp(prompt_embeds.float(), steered.float(), weight).to(prompt_embeds.dtype)
-        else:
-            blended = (1 - weight) * prompt_embeds + weight * steered
-        return blended, negative_prompt_embeds
+        steered = steered.repeat_interleave(num_images_per_prompt, dim=0)
+        return blend(prompt_embeds, steered, self.aesthetic_settings), negative_prompt_embeds
+
+
+class AestheticGradientXLPipeline(AestheticSteering, StableDiffusionXLPipeline):
+    """A `StableDiffusionXLPipeline` whose `encode_prompt` steers each prompt toward the aesthetic embeddings: both
+    text encoders toward their own, the context and the pooled embedding blended."""
+
+    def steering_encoders(self):
+        return [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+
+    @torch.no_grad()
+    def steered_output(self, tuned, input_ids, clip_skip):
+        # as StableDiffusionXLPipeline.encode_prompt: the penultimate hidden states (further back with clip_skip)
+        output = tuned(input_ids, output_hidden_states=True)
+        hidden = output.hidden_states[-(2 if clip_skip is None else clip_skip + 2)]
+        pooled = getattr(output, "text_embeds", None)
+        return (hidden,) if pooled is None else (hidden, pooled)
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                      negative_prompt=None, negative_prompt_2=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        given_embeds = prompt_embeds is not None
+        embeds, negative_embeds, pooled, negative_pooled = super().encode_prompt(
+            prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+            negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds, lora_scale, clip_skip,
+        )
+        if given_embeds or not self.steering():
+            return embeds, negative_embeds, pooled, negative_pooled
+        device = device or self._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        first = [self.steered(0, text, device, clip_skip) for text in prompts]
+        second = [self.steered(1, text, device, clip_skip) for text in prompts_2]
+        steered = torch.cat([torch.cat([a[0], b[0]], dim=-1) for a, b in zip(first, second)])
+        steered_pooled = torch.cat([b[1] for b in second])
+        # super() repeats each prompt num_images_per_prompt times in a row
+        settings = self.aesthetic_settings
+        embeds = blend(embeds, steered.repeat_interleave(num_images_per_prompt, dim=0), settings)
+        pooled = blend(pooled, steered_pooled.repeat_interleave(num_images_per_prompt, dim=0), settings)
+        return embeds, negative_embeds, pooled, negative_pooled

@@ -160,6 +160,7 @@ METHODS: dict[str, Method] = {
             "aesthetic_embedding",
             "Aesthetic gradients: a dataset's mean CLIP image embedding (A1111 `.pt`) that steers prompts when "
             "sampling.",
+            families=("sd", "sdxl"),
         ),
         Method(
             "null_text_inversion",

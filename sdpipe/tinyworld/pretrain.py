@@ -148,10 +148,15 @@ def train_clip(
     batch_size: int | None = None,
     learning_rate: float | None = None,
     phase: str = "clip",
+    text_tower=None,
 ) -> CLIPModel:
     """A CLIP trained contrastively on the images and their caption variants; by default the SD base's text tower
-    (`text_config` another one: SDXL's wider second encoder) with `pretrain.clip_*`'s steps, batch and rate."""
-    text_config = text_config or models.text_config(tokenizer)
+    (`text_config` another one: SDXL's wider second encoder) with `pretrain.clip_*`'s steps, batch and rate.
+
+    With `text_tower` (a trained `CLIPTextModelWithProjection`), the CLIP's text tower and text projection are that
+    model's, frozen, and only the vision tower, its projection and the temperature learn (locked-text tuning): a
+    vision tower paired with a text encoder that was trained without one."""
+    text_config = text_tower.config if text_tower is not None else text_config or models.text_config(tokenizer)
     steps = steps or params.clip_steps
     batch_size = batch_size or params.clip_batch_size
     config = CLIPConfig(
@@ -160,8 +165,11 @@ def train_clip(
         projection_dim=text_config.projection_dim,
     )
     clip = CLIPModel(config)
+    if text_tower is not None:
+        lock_text_tower(clip, text_tower)
+    trainable = [parameter for parameter in clip.parameters() if parameter.requires_grad]
     clip_pixels = clip_pixel_values(pixels)
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=learning_rate or params.clip_lr, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate or params.clip_lr, weight_decay=0.1)
     schedule = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, steps)
     clip.train()
     for step in range(steps):
@@ -170,10 +178,19 @@ def train_clip(
         texts = [captions[i][v] for i, v in zip(index.tolist(), variant.tolist())]
         input_ids = tokenize(tokenizer, texts)
         loss = clip(input_ids=input_ids, pixel_values=clip_pixels[index], return_loss=True).loss
-        _step(loss, optimizer, schedule, clip.parameters())
+        _step(loss, optimizer, schedule, trainable)
         _log_step(phase, step, steps, loss)
     clip.eval()
     return clip
+
+
+def lock_text_tower(clip: CLIPModel, text_tower) -> None:
+    """Puts a `CLIPTextModelWithProjection`'s weights into the CLIP's text tower and text projection, frozen."""
+    state = {key: value for key, value in text_tower.state_dict().items() if not key.startswith("text_projection.")}
+    clip.text_model.load_state_dict({key.removeprefix("text_model."): value for key, value in state.items()})
+    clip.text_projection.load_state_dict(text_tower.text_projection.state_dict())
+    clip.text_model.requires_grad_(False)
+    clip.text_projection.requires_grad_(False)
 
 
 def text_condition(caption_ids: torch.Tensor, caption_states: torch.Tensor, pooled: torch.Tensor | None = None):

@@ -30,7 +30,7 @@ from sdpipe.config.pretrain import PretrainParams, PretrainXLParams
 from sdpipe.families import SDXL
 from sdpipe.io import atomic_path, write_json
 from sdpipe.models.loading import model_fingerprint
-from sdpipe.models.saving import save_pipeline
+from sdpipe.models.saving import save_pipeline, save_tokenizer
 from sdpipe.progress import log
 from sdpipe.tinyworld import models
 from sdpipe.tinyworld.pretrain import (
@@ -123,6 +123,37 @@ def pretrain_xl(
     return metrics
 
 
+def pretrain_xl_clip(
+    params: PretrainParams, xl: PretrainXLParams, seed: int, xl_base: Path, out_dir: Path, metrics_path: Path
+) -> dict:
+    """Trains a vision tower against the tiny SDXL's second text encoder, frozen, and writes the pair as a
+    `CLIPModel` folder (with the image processor and the tokenizer) to `out_dir`, atomically: what aesthetic
+    gradients take for SDXL's second encoder, as SDXL 1.0 users take OpenCLIP ViT-bigG/14. (`pretrain_xl` trained
+    that encoder in a CLIP of its own, but kept only the text tower.)"""
+    start = time.monotonic()
+    torch.manual_seed(seed)
+    pixels, scenes, captions = make_training_set(params, seed)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(xl_base / "text_encoder_2").eval()
+    tokenizer_2 = CLIPTokenizer.from_pretrained(xl_base, subfolder="tokenizer_2")
+    clip = train_clip(
+        pixels, clip_training_captions(params, seed, captions), tokenizer_2, params,
+        torch.Generator().manual_seed(seed + 13), steps=xl.vision_steps, batch_size=xl.clip_batch_size,
+        learning_rate=xl.clip_lr, phase="xl_vision", text_tower=text_encoder_2,
+    )
+    with atomic_path(out_dir) as tmp:
+        clip.save_pretrained(tmp)
+        models.feature_extractor().save_pretrained(tmp)
+        save_tokenizer(tokenizer_2, tmp)
+    metrics = {
+        "seed": seed,
+        "retrieval_accuracy": clip_retrieval_accuracy(clip, tokenizer_2, pixels, scenes),
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    write_json(metrics_path, metrics)
+    log(f"pretrain_xl_clip: done in {metrics['seconds']:.0f}s: {json.dumps(metrics)}")
+    return metrics
+
+
 @torch.no_grad()
 def encode_captions(tokenizers: list, text_encoders: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each caption's SDXL context and pooled embedding, exactly as `StableDiffusionXLPipeline` computes them."""
@@ -140,7 +171,9 @@ def phase_key(params: PretrainParams, xl: PretrainXLParams, seed: int, sd_base: 
                     "cross_named_share", "clip_cross_named_share", "warmup_steps"}
     if phase == "unet":
         world_fields |= {"caption_dropout", "snr_gamma", "unet_ema_decay"}
-    own = xl.model_dump(include={f for f in PretrainXLParams.model_fields if f.startswith("clip") or phase == "unet"})
+    own = xl.model_dump(
+        include={f for f in PretrainXLParams.model_fields if f.startswith("clip") or phase == "unet" and f != "vision_steps"}
+    )
     payload = {
         "seed": seed, "world": WORLD_VERSION, "phase": phase, "tokenizer": tokenizer_digest(),
         "sd_base": model_fingerprint(str(sd_base)), **params.model_dump(include=world_fields), "xl": own,
