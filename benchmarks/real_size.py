@@ -108,6 +108,8 @@ def workspace_params(arch: str, models: dict[str, Path], resolution: int) -> dic
     train["dreambooth"]["class_images"].update(num_images=1, steps=2, batch_size=1)
     train["null_text_inversion"].update(max_images=1, num_inference_steps=2, inner_steps=2)
     train["aesthetic_gradient"]["clip_model"] = str(models["clip"])
+    if arch == "sdxl":  # one CLIP per text encoder: ViT-L/14 and OpenCLIP ViT-bigG/14
+        train["aesthetic_gradient"]["clip_model"] = [str(models["clip"]), str(models["clip_2"])]
     if "clip_inversion" in methods:
         train["clip_inversion"]["variations_model"] = str(models["variations"])
     default_recipes = params["merge"]["recipes"]

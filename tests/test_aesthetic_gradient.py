@@ -225,3 +225,17 @@ def test_sdxl_needs_one_clip_per_text_encoder(xl_world, tmp_path):
                                           r"encoder\(s\); give one CLIP model folder per text encoder"):
         aesthetic_gradient.train(params, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_folder_without_its_image_processor_is_refused_by_key(xl_world, tmp_path):
+    from sdpipe.errors import SdpipeError
+
+    bare = tmp_path / "clip_without_processor"
+    bare.mkdir()
+    for path in xl_world["clips"][1].iterdir():
+        if path.name != "preprocessor_config.json":
+            (bare / path.name).write_bytes(path.read_bytes())
+    params = xl_world["params"](clip_model=[str(xl_world["clips"][0]), str(bare)])
+    with pytest.raises(SdpipeError, match=r"train\.aesthetic_gradient\.clip_model: .*has no preprocessor_config\.json"):
+        aesthetic_gradient.train(params, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,11 @@ class ClipImageEncoder:
             folder = Path(clip_model)
             if not (folder / "config.json").is_file():
                 raise SdpipeError(f"{key}: {folder} is not a CLIP model folder (config.json + weights)")
+            if not (folder / "preprocessor_config.json").is_file():
+                raise SdpipeError(
+                    f"{key}: {folder} has no preprocessor_config.json; a CLIP model folder needs its image processor "
+                    "(as the Hub's CLIP folders have it)"
+                )
             return cls(CLIPModel.from_pretrained(folder, use_safetensors=True), CLIPImageProcessor.from_pretrained(folder), device)
         base = Path(base_model)
         if not (base / "clip" / "config.json").is_file() or not (base / "feature_extractor").is_dir():

@@ -9,6 +9,8 @@ of real checkpoints without downloading any.
   (stabilityai/stable-diffusion-xl-base-1.0's configs: `sdpipe.models.sdxl_configs`);
 - `clip/`: a `CLIPModel` of the size the base's text encoder comes from (OpenAI CLIP ViT-L/14 for SD 1.5 and SDXL,
   OpenCLIP ViT-H/14 for SD 2.x), for aesthetic gradient and evaluate's CLIP metrics;
+- `clip_2/` (SDXL only): an OpenCLIP ViT-bigG/14-size `CLIPModel` whose text tower has the second text encoder's
+  architecture, the other CLIP of SDXL's aesthetic gradients;
 - `variations/` (SD 1.5 only): a `StableDiffusionImageVariationPipeline` (lambdalabs/sd-image-variations-diffusers'
   architecture: the SD 1.5 UNet conditioned on CLIP ViT-L/14 image embeddings), for CLIP inversion.
 
@@ -65,6 +67,10 @@ CLIP_L_VISION = dict(
 CLIP_H_VISION = dict(
     hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
     image_size=224, projection_dim=1024,
+)
+CLIP_BIGG_VISION = dict(
+    hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16, patch_size=14,
+    image_size=224, projection_dim=1280,
 )
 ARCHITECTURES = {
     # name: (UNet, text encoder, CLIP text tower, CLIP vision tower, scheduler prediction type)
@@ -144,6 +150,15 @@ def save_random_models(
     feature_extractor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     feature_extractor.save_pretrained(paths["clip"])
     del clip
+
+    if arch == "sdxl":
+        paths["clip_2"] = folder / "clip_2"
+        text_config_2 = {**SDXL_TEXT_2, **token_ids, "pad_token_id": tokenizer_2.pad_token_id}
+        clip_2 = CLIPModel(CLIPConfig(text_config=text_config_2, vision_config=CLIP_BIGG_VISION, projection_dim=1280))
+        clip_2.to(dtype).save_pretrained(paths["clip_2"])
+        save_tokenizer(tokenizer_2, paths["clip_2"])
+        feature_extractor.save_pretrained(paths["clip_2"])
+        del clip_2
 
     if arch == "sd15":
         from transformers import CLIPVisionModelWithProjection

@@ -357,6 +357,7 @@ def pretrain(
     with atomic_path(out_dir) as tmp, atomic_path(variations_dir) as variations_tmp:
         save_pipeline(pipeline, tmp)
         clip.save_pretrained(tmp / "clip")
+        models.feature_extractor().save_pretrained(tmp / "clip")  # a CLIP folder as the Hub's: model and processor
         variations.save_pretrained(variations_tmp)
 
     metrics = {
