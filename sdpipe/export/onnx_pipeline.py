@@ -149,7 +149,7 @@ class OnnxStableDiffusion:
             model_input = self.scheduler.scale_model_input(model_input, t)
             noise_pred = self.unet(
                 sample=model_input.numpy(),
-                timestep=np.array(t, dtype=np.float32).reshape((1,) * timestep_rank),
+                timestep=np.array(float(t), dtype=np.float32).reshape((1,) * timestep_rank),
                 **conditioning,
             )[0]
             noise_pred = torch.from_numpy(noise_pred)
