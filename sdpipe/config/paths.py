@@ -24,8 +24,9 @@ class PathsParams(Section):
     pretrain_xl_metrics: str = "artifacts/pretrain/metrics_xl.json"
     """`pretrain_xl` metrics: the second text encoder's retrieval accuracy, time per phase."""
     pretrain_xl_clip: str = "artifacts/pretrain/tinyworld_xl_clip"
-    """`pretrain_xl_clip` output: a CLIP (`CLIPModel` folder) whose text tower is the tiny SDXL's second text encoder,
-    the image side that aesthetic gradients need (SDXL 1.0's: OpenCLIP ViT-bigG/14)."""
+    """`pretrain_xl_clip` output: two CLIPs (`CLIPModel` folders `clip_l/`, `clip_g/`) whose text towers are the tiny
+    SDXL's text encoders, the image side that aesthetic gradients need (SDXL 1.0's: CLIP ViT-L/14, OpenCLIP
+    ViT-bigG/14)."""
     pretrain_xl_clip_metrics: str = "artifacts/pretrain/metrics_xl_clip.json"
     """`pretrain_xl_clip` metrics: that CLIP's retrieval accuracy and training time."""
     families: str = "artifacts/families"

@@ -113,5 +113,5 @@ class PretrainXLParams(Section):
     unet_lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of the SDXL UNet."""
     vision_steps: int = Field(default=1000, ge=1)
-    """Optimizer steps of the frozen `pretrain_xl_clip` stage: a vision tower trained against the second text encoder,
-    frozen (locked-text tuning; `clip_batch_size` and `clip_lr`), since `pretrain_xl` kept only the text tower."""
+    """Optimizer steps of the frozen `pretrain_xl_clip` stage, for each of its two CLIPs: a vision tower trained against
+    one of the tiny SDXL's text encoders, frozen (locked-text tuning; `clip_batch_size` and `clip_lr`)."""

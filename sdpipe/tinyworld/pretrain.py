@@ -153,8 +153,8 @@ def train_clip(
     """A CLIP trained contrastively on the images and their caption variants; by default the SD base's text tower
     (`text_config` another one: SDXL's wider second encoder) with `pretrain.clip_*`'s steps, batch and rate.
 
-    With `text_tower` (a trained `CLIPTextModelWithProjection`), the CLIP's text tower and text projection are that
-    model's, frozen, and only the vision tower, its projection and the temperature learn (locked-text tuning): a
+    With `text_tower` (a trained `CLIPTextModel` or `CLIPTextModelWithProjection`), the CLIP's text transformer (and
+    text projection, where the model has one) are that model's, frozen, and the rest learns (locked-text tuning): a
     vision tower paired with a text encoder that was trained without one."""
     text_config = text_tower.config if text_tower is not None else text_config or models.text_config(tokenizer)
     steps = steps or params.clip_steps
@@ -185,12 +185,14 @@ def train_clip(
 
 
 def lock_text_tower(clip: CLIPModel, text_tower) -> None:
-    """Puts a `CLIPTextModelWithProjection`'s weights into the CLIP's text tower and text projection, frozen."""
+    """Puts a text encoder's weights into the CLIP's text tower, frozen: its text transformer, and its text projection
+    where it has one (`CLIPTextModelWithProjection`; a `CLIPTextModel`'s projection is the CLIP's to learn)."""
     state = {key: value for key, value in text_tower.state_dict().items() if not key.startswith("text_projection.")}
     clip.text_model.load_state_dict({key.removeprefix("text_model."): value for key, value in state.items()})
-    clip.text_projection.load_state_dict(text_tower.text_projection.state_dict())
     clip.text_model.requires_grad_(False)
-    clip.text_projection.requires_grad_(False)
+    if hasattr(text_tower, "text_projection"):
+        clip.text_projection.load_state_dict(text_tower.text_projection.state_dict())
+        clip.text_projection.requires_grad_(False)
 
 
 def text_condition(caption_ids: torch.Tensor, caption_states: torch.Tensor, pooled: torch.Tensor | None = None):

@@ -126,31 +126,37 @@ def pretrain_xl(
 def pretrain_xl_clip(
     params: PretrainParams, xl: PretrainXLParams, seed: int, xl_base: Path, out_dir: Path, metrics_path: Path
 ) -> dict:
-    """Trains a vision tower against the tiny SDXL's second text encoder, frozen, and writes the pair as a
-    `CLIPModel` folder (with the image processor and the tokenizer) to `out_dir`, atomically: what aesthetic
-    gradients take for SDXL's second encoder, as SDXL 1.0 users take OpenCLIP ViT-bigG/14. (`pretrain_xl` trained
-    that encoder in a CLIP of its own, but kept only the text tower.)"""
+    """Trains a vision tower against each of the tiny SDXL's text encoders, frozen, and writes each pair as a
+    `CLIPModel` folder (with the image processor and the tokenizer), `clip_l/` and `clip_g/` under `out_dir`,
+    atomically: the CLIPs aesthetic gradients take for SDXL, as SDXL 1.0 users take OpenAI CLIP ViT-L/14 and OpenCLIP
+    ViT-bigG/14. (`pretrain_xl` trained its second encoder in a CLIP of its own but kept only the text tower, and took
+    its first from the SD base it was built on, whose CLIP is not the current SD base's.)"""
     start = time.monotonic()
     torch.manual_seed(seed)
     pixels, scenes, captions = make_training_set(params, seed)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(xl_base / "text_encoder_2").eval()
-    tokenizer_2 = CLIPTokenizer.from_pretrained(xl_base, subfolder="tokenizer_2")
-    clip = train_clip(
-        pixels, clip_training_captions(params, seed, captions), tokenizer_2, params,
-        torch.Generator().manual_seed(seed + 13), steps=xl.vision_steps, batch_size=xl.clip_batch_size,
-        learning_rate=xl.clip_lr, phase="xl_vision", text_tower=text_encoder_2,
-    )
-    with atomic_path(out_dir) as tmp:
-        clip.save_pretrained(tmp)
-        models.feature_extractor().save_pretrained(tmp)
-        save_tokenizer(tokenizer_2, tmp)
-    metrics = {
-        "seed": seed,
-        "retrieval_accuracy": clip_retrieval_accuracy(clip, tokenizer_2, pixels, scenes),
-        "seconds": round(time.monotonic() - start, 1),
+    clip_captions = clip_training_captions(params, seed, captions)
+    encoders = {
+        "clip_l": (CLIPTextModel.from_pretrained(xl_base / "text_encoder"), "tokenizer"),
+        "clip_g": (CLIPTextModelWithProjection.from_pretrained(xl_base / "text_encoder_2"), "tokenizer_2"),
     }
+    metrics = {"seed": seed, "retrieval_accuracy": {}, "seconds": {}}
+    with atomic_path(out_dir) as tmp:
+        for offset, (name, (text_encoder, tokenizer_folder)) in enumerate(encoders.items()):
+            phase_start = time.monotonic()
+            tokenizer = CLIPTokenizer.from_pretrained(xl_base, subfolder=tokenizer_folder)
+            clip = train_clip(
+                pixels, clip_captions, tokenizer, params, torch.Generator().manual_seed(seed + 13 + offset),
+                steps=xl.vision_steps, batch_size=xl.clip_batch_size, learning_rate=xl.clip_lr,
+                phase=f"xl_vision_{name}", text_tower=text_encoder.eval(),
+            )
+            clip.save_pretrained(tmp / name)
+            models.feature_extractor().save_pretrained(tmp / name)
+            save_tokenizer(tokenizer, tmp / name)
+            metrics["retrieval_accuracy"][name] = clip_retrieval_accuracy(clip, tokenizer, pixels, scenes)
+            metrics["seconds"][name] = round(time.monotonic() - phase_start, 1)
+    metrics["seconds"]["this_run"] = round(time.monotonic() - start, 1)
     write_json(metrics_path, metrics)
-    log(f"pretrain_xl_clip: done in {metrics['seconds']:.0f}s: {json.dumps(metrics)}")
+    log(f"pretrain_xl_clip: done in {metrics['seconds']['this_run']:.0f}s: {json.dumps(metrics)}")
     return metrics
 
 
