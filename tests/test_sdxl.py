@@ -267,6 +267,31 @@ def test_an_extra_family_runs_on_its_view_of_the_params_and_scores_rows_of_its_o
     assert scored["lora"]["prior_preservation"] == 1.0 and scored["sdxl-lora"]["prior_preservation"] == 0.8
 
 
+def test_an_extra_familys_merge_recipes_run_on_its_models_and_score_rows_of_its_own(sdxl_dir, tiny_sd_dir, tmp_path):
+    import json
+
+    from sdpipe.config.sdxl import family_view
+    from sdpipe.evaluate import scoreboard_rows
+
+    recipe = {"method": "weighted_sum", "inputs": {"a": "train:dreambooth", "b": "base"}, "alpha": [0.5] * 20}
+    params = parse_params({
+        "paths": {key: f"{tmp_path}/{key}" for key in ("train", "merge", "eval", "families")},
+        "base": {"base_model": str(tiny_sd_dir), "datasets": ["star"], "extra_families": ["sdxl"]},
+        "train": {"methods": ["lora"]},
+        "merge": {"recipes": {}},
+        "sdxl": {"base_model": str(sdxl_dir), "methods": ["dreambooth"], "merge": {"recipes": {"blend": recipe}}},
+    })
+    view = family_view(params, "sdxl")
+    assert list(view.merge.recipes) == ["blend"] and params.merge.recipes == {}
+    assert view.paths.merge == f"{tmp_path}/families/sdxl/merge" and params.paths.merge == f"{tmp_path}/merge"
+
+    for name in ("base", "lora", "sdxl-base", "sdxl-dreambooth", "sdxl-merge-blend"):
+        path = tmp_path / "eval" / "models" / name / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"joint_accuracy": 0.5}))
+    assert list(scoreboard_rows(params)) == ["base", "lora", "sdxl-base", "sdxl-dreambooth", "sdxl-merge-blend"]
+
+
 def test_a_family_stage_refuses_a_family_not_in_extra_families(tmp_path, monkeypatch):
     import sys
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from sdpipe.config.merge import MergeParams
 from sdpipe.config.section import Section
 from sdpipe.methods.registry import METHODS
 
@@ -31,6 +32,12 @@ class SdxlParams(Section):
     train: dict[Literal[SDXL_METHODS], dict[str, Any]] = Field(default_factory=dict)  # type: ignore[valid-type]
     """Settings of `train.<method>` that differ on this base, by method (`lora: {max_steps: 1000}`); every other
     setting is `train.<method>`'s. Checked as `train.<method>` is."""
+
+    merge: MergeParams = Field(default_factory=MergeParams)
+    """Merge recipes of this family's models (the `merge` section's recipes, for SDXL): `base` is this section's
+    base_model and `train:<method>` one of its trained models; `merge_family@sdxl` runs them into
+    `<paths.families>/sdxl/merge/<recipe>/`, `evaluate_merge_family@sdxl-<recipe>` scores each as the row
+    `sdxl-merge-<recipe>`. Block weights are SDXL's list (20: BASE, IN00-IN08, M00, OUT00-OUT08)."""
 
     export_model: str = Field(default="base", pattern=r"^(base|train:[A-Za-z0-9_]+)$")
     """What `export_family@sdxl` exports to ONNX (with the `export` section's other settings), in optimum's SDXL layout
@@ -70,8 +77,8 @@ def merged(settings: dict, changes: dict) -> dict:
 
 
 def family_view(params, family: str):
-    """The params as the stages of an extra family see them: that family's base model and methods, no merges, and
-    its latents, class images and trained models under `<paths.families>/<family>/` (its evaluation rows go to
+    """The params as the stages of an extra family see them: that family's base model, methods and merge recipes, and
+    its latents, class images, trained and merged models under `<paths.families>/<family>/` (its evaluation rows go to
     `<paths.eval>/models/<family>-<model>/`, beside the main ones, scored by the main base's CLIP unless
     `evaluate.clip_model` names one)."""
     section = getattr(params, family)
@@ -81,13 +88,14 @@ def family_view(params, family: str):
             "latents": str(root / "latents"),
             "class_images": str(root / "class_images"),
             "train": str(root / "train"),
+            "merge": str(root / "merge"),
             "export": str(root / "export"),
             "checkpoints": None if params.paths.checkpoints is None else str(Path(params.paths.checkpoints) / family),
         }
     )
     base = params.base.model_copy(update={"base_model": section.base_model, "base_model_config": section.base_model_config})
     train = family_train(params, family)
-    merge = params.merge.model_copy(update={"recipes": {}})  # merges of other families: not yet (issue #22)
+    merge = section.merge
     export = params.export.model_copy(update={"model": section.export_model})
     evaluate = params.evaluate
     main_clip = Path(params.base.base_model) / "clip"
