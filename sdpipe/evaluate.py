@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from PIL import Image
 
 from sdpipe.config.merge import LORA_FILE_METHODS
@@ -64,7 +64,7 @@ class Candidate:
     """A model to evaluate: how to build its pipeline, and the word its prompts use for the concept."""
 
     name: str
-    pipeline: StableDiffusionPipeline | None
+    pipeline: DiffusionPipeline | None
     trigger: str
     metrics: dict | None = None  # a method scored by its own measure instead of by sampling (null-text inversion)
 
@@ -131,8 +131,8 @@ def load_candidate(params, name: str, device: torch.device) -> Candidate:
         folder = Path(params.paths.merge) / recipe / "model"
         if not folder.is_dir():
             raise SdpipeError(f"{folder}: no merged model; run `dvc repro merge` first")
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-        return Candidate(name, pipeline.to(device), trigger)
+        # in its family's pipeline class, as the merge wrote it (an SDXL merge is a StableDiffusionXLPipeline folder)
+        return Candidate(name, load_pipeline(str(folder), device=device, key=f"merge.recipes.{recipe}"), trigger)
     raise SdpipeError(
         f"evaluate: no model {name!r}; expected base, a method of train.methods ({', '.join(params.train.methods)}) "
         f"or merge-<recipe> for a recipe of merge.recipes ({', '.join(params.merge.recipes) or 'none'})"

@@ -291,6 +291,17 @@ def test_an_extra_familys_merge_recipes_run_on_its_models_and_score_rows_of_its_
         path.write_text(json.dumps({"joint_accuracy": 0.5}))
     assert list(scoreboard_rows(params)) == ["base", "lora", "sdxl-base", "sdxl-dreambooth", "sdxl-merge-blend"]
 
+    # evaluate loads the merged folder in its own family's class (it once took every merge for SD 1.x)
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdpipe.evaluate import load_candidate
+
+    shutil.copytree(sdxl_dir, tmp_path / "families" / "sdxl" / "merge" / "blend" / "model")
+    candidate = load_candidate(view, "merge-blend", torch.device("cpu"))
+    assert isinstance(candidate.pipeline, StableDiffusionXLPipeline) and candidate.trigger == view.evaluate.trigger
+
 
 def test_a_family_stage_refuses_a_family_not_in_extra_families(tmp_path, monkeypatch):
     import sys
