@@ -36,7 +36,7 @@ from safetensors import safe_open
 
 from sdpipe.encode import dataset_images
 from sdpipe.errors import SdpipeError
-from sdpipe.families import SDXL
+from sdpipe.families import SDXL, pipeline_family
 from sdpipe.families.base import token_ids
 from sdpipe.formats.embeddings import SDXL_EMBEDDING_KEYS
 from sdpipe.io import atomic_path, save_safetensors, write_json
@@ -119,18 +119,11 @@ def sampling_pipeline(params, model_dir: Path, device: torch.device):
     if len(embeddings) != len(clip_models):
         raise SdpipeError(f"{files[0]}: {len(embeddings)} aesthetic embedding(s) for a base with {len(clip_models)} text encoder(s)")
     base = load_pipeline(params.base.base_model, params.base.base_model_config, device=device)
-    pipeline_class = AestheticGradientXLPipeline if model_family(params.base.base_model) is SDXL else AestheticGradientPipeline
-    pipeline = pipeline_class(**base.components, **base_pipeline_kwargs(base))
+    pipeline_class = AestheticGradientXLPipeline if pipeline_family(base) is SDXL else AestheticGradientPipeline
+    pipeline = pipeline_class.from_pipe(base)
     projections = [load_text_projection(clip_model, params.base.base_model) for clip_model in clip_models]
     pipeline.set_aesthetic(embeddings, projections, settings)
     return pipeline, params.evaluate.trigger
-
-
-def base_pipeline_kwargs(base) -> dict:
-    """What rebuilding `base` as a subclass needs besides its components (its config's own switches)."""
-    if isinstance(base, StableDiffusionXLPipeline):
-        return {key: base.config[key] for key in ("force_zeros_for_empty_prompt", "add_watermarker") if key in base.config}
-    return {"requires_safety_checker": False}
 
 
 def aesthetic_embedding(features: torch.Tensor) -> torch.Tensor:
