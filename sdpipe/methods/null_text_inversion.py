@@ -215,15 +215,20 @@ class DdimSteps:
         return alpha_to.sqrt() * original + (1 - alpha_to).sqrt() * epsilon
 
 
-def as_float(conditioning: Conditioning, dtype=torch.float32) -> Conditioning:
-    pooled = None if conditioning.pooled is None else conditioning.pooled.to(dtype)
-    return Conditioning(conditioning.context.to(dtype), pooled)
+def each_tensor(conditioning: Conditioning, function) -> Conditioning:
+    """`conditioning` with `function` applied to its context and, where it has one, its pooled embedding."""
+    return Conditioning(*(function(tensor) for tensor in tensors(conditioning)))
+
+
+def tensors(conditioning: Conditioning) -> list[torch.Tensor]:
+    return [tensor for tensor in (conditioning.context, conditioning.pooled) if tensor is not None]
 
 
 @torch.no_grad()
 def prompt_conditioning(pipeline, prompt: str) -> Conditioning:
     """The prompt's conditioning, batch of one, fp32 (SDXL's pooled embedding too)."""
-    return as_float(pipeline_family(pipeline).pipeline_conditioning(pipeline, [prompt], pipeline.device))
+    conditioning = pipeline_family(pipeline).pipeline_conditioning(pipeline, [prompt], pipeline.device)
+    return each_tensor(conditioning, lambda tensor: tensor.float())
 
 
 def plain_null_conditioning(pipeline) -> Conditioning:
@@ -232,14 +237,14 @@ def plain_null_conditioning(pipeline) -> Conditioning:
     empty = prompt_conditioning(pipeline, "")
     if not getattr(pipeline.config, "force_zeros_for_empty_prompt", False):
         return empty
-    return Conditioning(torch.zeros_like(empty.context), None if empty.pooled is None else torch.zeros_like(empty.pooled))
+    return each_tensor(empty, torch.zeros_like)
 
 
 def unet_epsilon(pipeline, steps: DdimSteps, latent, index: int, conditioning: Conditioning, time_ids) -> torch.Tensor:
     unet = pipeline.unet
     time_ids = None if time_ids is None else time_ids.reshape(1, -1).to(latent.device)
     output = pipeline_family(pipeline).predict(
-        unet, latent.to(unet.dtype), steps.timesteps[index], as_float(conditioning, unet.dtype), time_ids
+        unet, latent.to(unet.dtype), steps.timesteps[index], each_tensor(conditioning, lambda tensor: tensor.to(unet.dtype)), time_ids
     )
     return steps.epsilon(output.float(), latent, index)
 
@@ -284,16 +289,15 @@ def invert(
         with torch.no_grad():
             cond_epsilon = unet_epsilon(pipeline, steps, current, index, cond, time_ids)
         # new tensors: Adam updates them in place
-        tensors = [tensor.detach().clone().requires_grad_(True) for tensor in (null.context, null.pooled) if tensor is not None]
-        null = Conditioning(*tensors)
-        optimizer = torch.optim.Adam(tensors, lr=settings.learning_rate * (1 - index / LR_DECAY))
+        null = each_tensor(null, lambda tensor: tensor.detach().clone().requires_grad_(True))
+        optimizer = torch.optim.Adam(tensors(null), lr=settings.learning_rate * (1 - index / LR_DECAY))
         tolerance = settings.early_stop_epsilon + index * EARLY_STOP_SLOPE if settings.early_stop_epsilon else 0.0
-        best_loss, best_null = float("inf"), detached(null)
+        best_loss, best_null = float("inf"), each_tensor(null, detached)
         with torch.enable_grad():
             for _ in range(settings.inner_steps):
                 loss = torch.nn.functional.mse_loss(guided(current, index, cond_epsilon, null), target)
                 if loss.item() < best_loss:  # Adam can overshoot: keep the best embedding seen, not the last
-                    best_loss, best_null = loss.item(), detached(null)
+                    best_loss, best_null = loss.item(), each_tensor(null, detached)
                 if best_loss < tolerance:
                     break
                 optimizer.zero_grad()
@@ -303,20 +307,20 @@ def invert(
         nulls.append(null)
         with torch.no_grad():
             current = guided(current, index, cond_epsilon, null)
+    nulls = each_tensor(Conditioning.cat(nulls), lambda tensor: tensor.cpu())
     return InvertedImage(
         image_id=image_id,
         prompt=prompt,
         latent=trajectory[0][0].cpu(),
-        null_embeddings=torch.cat([null.context for null in nulls]).cpu(),
+        null_embeddings=nulls.context,
         guidance_scale=settings.guidance_scale,
-        null_pooled=None if null.pooled is None else torch.cat([null.pooled for null in nulls]).cpu(),
+        null_pooled=nulls.pooled,
         time_ids=None if time_ids is None else time_ids.cpu(),
     )
 
 
-def detached(conditioning: Conditioning) -> Conditioning:
-    pooled = None if conditioning.pooled is None else conditioning.pooled.detach().clone()
-    return Conditioning(conditioning.context.detach().clone(), pooled)
+def detached(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone()
 
 
 def reconstruct(pipeline, record: InvertedImage, prompt: str | None = None, use_null_embeddings: bool = True) -> Image.Image:
@@ -335,8 +339,11 @@ def reconstruct_latent(pipeline, record: InvertedImage, prompt: str | None = Non
     plain_null = plain_null_conditioning(pipeline)
     latent = record.latent.unsqueeze(0).to(device, torch.float32)
     for index in range(len(steps.timesteps)):
-        null = as_float(record.null_conditioning(index), torch.float32) if use_null_embeddings else plain_null
-        null = Conditioning(null.context.to(device), None if null.pooled is None else null.pooled.to(device))
+        null = (
+            each_tensor(record.null_conditioning(index), lambda tensor: tensor.to(device, torch.float32))
+            if use_null_embeddings
+            else plain_null
+        )
         cond_epsilon = unet_epsilon(pipeline, steps, latent, index, cond, record.time_ids)
         latent = guided_step(pipeline, steps, latent, index, cond_epsilon, null, record.guidance_scale, record.time_ids)
     return latent
