@@ -152,7 +152,8 @@ def save_random_models(
     del clip
 
     if arch == "sdxl":
-        paths["clip_2"] = folder / "clip_2"  # its text tower has the second text encoder's config (text_config_2)
+        paths["clip_2"] = folder / "clip_2"
+        text_config_2 = {**SDXL_TEXT_2, **token_ids, "pad_token_id": tokenizer_2.pad_token_id}
         clip_2 = CLIPModel(CLIPConfig(text_config=text_config_2, vision_config=CLIP_BIGG_VISION, projection_dim=1280))
         clip_2.to(dtype).save_pretrained(paths["clip_2"])
         save_tokenizer(tokenizer_2, paths["clip_2"])
